@@ -1,0 +1,1 @@
+"""daggyr: a remote task executor."""

@@ -1,0 +1,1 @@
+"""Code generated from proto/daggyr/v1 by `make proto`."""
