@@ -99,7 +99,9 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"cannot read config file {path}: {exc.strerror}"
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -1,0 +1,216 @@
+"""One asyncio process serving both protocols over one servicer and one table.
+
+``Server.start`` binds both ports (port 0 picks a free one; the bound port is
+read back into ``rest_port`` and ``grpc_port``). ``Server.stop`` is graceful:
+it refuses new tasks, cancels every task with its grace, removes the cgroups,
+then closes both servers; a second call while the first runs cuts the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+from daggyr.capacity import detect_capacity
+from daggyr.cgroups import CgroupError, detect
+from daggyr.config import Config, ConfigError
+from daggyr.executor import Executor, TaskUser
+from daggyr.grpc_server import add_services
+from daggyr.rest import build_app
+from daggyr.runner import Runner
+from daggyr.servicer import RunnerServicer
+
+__all__ = ["Server", "StartupError"]
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The runner cannot start; the message says why, for a person."""
+
+
+def _task_user(config: Config) -> TaskUser | None:
+    if config.task_user is None:
+        if os.geteuid() == 0:
+            logger.warning(
+                "tasks run as root: set task_user to run them as an unprivileged user"
+            )
+        return None
+    if os.geteuid() != 0:
+        raise StartupError(
+            f"task_user {config.task_user!r} needs the runner to run as root"
+        )
+    try:
+        entry = pwd.getpwnam(config.task_user)
+    except KeyError:
+        raise StartupError(f"task_user {config.task_user!r} does not exist") from None
+    return TaskUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _temp_root(config: Config) -> Path:
+    """The runner's own temporary tree, emptied of a previous run's leftovers."""
+    root = Path(config.temp_root or f"/tmp/{config.cgroup_root}")
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    for leftover in root.iterdir():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}"
+        ) from None
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """A runner: the core, the gRPC server and the REST server."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.rest_port = 0
+        self.grpc_port = 0
+        self.serving = False
+        self._stopping: asyncio.Task[None] | None = None
+        self._web: web.AppRunner | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self.runner: Runner | None = None
+        self._background: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> None:
+        """Detect, clean up, bind both ports and serve; StartupError says why not."""
+        config = self.config
+        try:
+            cgroups = detect(config.cgroup_root, require=config.require_cgroups)
+        except (CgroupError, ConfigError) as exc:
+            raise StartupError(f"cgroups required but unusable: {exc}") from None
+        if cgroups.mode == "none":
+            logger.warning("no cgroup enforcement: %s", cgroups.reason)
+        for line in cgroups.setup():
+            logger.info("start-up clean-up: %s", line)
+        total, notes = detect_capacity(
+            config.capacity_overrides.cores,
+            config.capacity_overrides.memory_mb,
+            cgroups.own_limits(),
+        )
+        executor = Executor(
+            cgroups,
+            _temp_root(config),
+            config.max_output_bytes,
+            config.kill_grace_seconds,
+            config.max_task_pids,
+            _task_user(config),
+        )
+        self.runner = Runner(
+            executor,
+            total,
+            default_memory_mb=config.default_memory_mb,
+            max_queued_tasks=config.max_queued_tasks,
+            max_backfill_overtakes=config.max_backfill_overtakes,
+            result_ttl_seconds=config.result_ttl_seconds,
+        )
+        servicer = RunnerServicer(self.runner)
+
+        rest_socket = _listen(config.ip, config.port, "REST")
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._health = add_services(self._grpc, servicer)
+        address = _grpc_address(config.ip, config.grpc_port)
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            rest_socket.close()
+            raise StartupError(f"cannot listen on {address} for gRPC: {exc}") from None
+        app = build_app(
+            servicer,
+            max_request_bytes=config.max_request_bytes,
+            ready=lambda: self.serving,
+        )
+        self._web = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._web.setup()
+        await web.SockSite(self._web, rest_socket).start()
+        self.rest_port = rest_socket.getsockname()[1]
+        await self._grpc.start()
+        self.serving = True
+
+        logger.info("REST listening on http://%s:%d", config.ip, self.rest_port)
+        logger.info("gRPC listening on %s", _grpc_address(config.ip, self.grpc_port))
+        logger.info(
+            "capacity: %g cores, %d MiB (%s); enforcement: %s%s",
+            total.cores,
+            total.memory_mb,
+            "; ".join(notes),
+            cgroups.mode,
+            f" ({cgroups.reason})" if cgroups.reason else "",
+        )
+        logger.info("config: %s", self.config_path or "defaults (no config file)")
+
+    async def stop(self) -> None:
+        """Shut down gracefully; a second call shortens the tasks' grace."""
+        if self._stopping is not None:
+            if self.runner is not None:
+                await self.runner.shutdown()
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        grace = self.config.kill_grace_seconds
+        logger.info("shutting down: cancelling every task (grace %g s)", grace)
+        self.serving = False
+        if self.runner is not None:
+            await self.runner.shutdown()
+            self.runner.executor.cgroups.teardown()
+        if self._grpc is not None:
+            await self._grpc.stop(1.0)
+        if self._web is not None:
+            await self._web.cleanup()
+        logger.info("shut down")
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop; a second signal hurries."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop_requested.is_set():
+                logger.info(
+                    "second %s: cutting the grace short", signal.Signals(signum).name
+                )
+                hurry = asyncio.ensure_future(self.stop())
+                self._background.add(hurry)
+                hurry.add_done_callback(self._background.discard)
+                return
+            logger.info("received %s", signal.Signals(signum).name)
+            stop_requested.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await stop_requested.wait()
+            await self.stop()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
