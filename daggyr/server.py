@@ -100,11 +100,10 @@ class Server:
         try:
             cgroups = detect(config.cgroup_root, require=config.require_cgroups)
         except (CgroupError, ConfigError) as exc:
-            raise StartupError(f"cgroups required but unusable: {exc}") from None
+            raise StartupError(str(exc)) from None
         if cgroups.mode == "none":
             logger.warning("no cgroup enforcement: %s", cgroups.reason)
-        for line in cgroups.setup():
-            logger.info("start-up clean-up: %s", line)
+        cgroups.setup()  # logs each leftover cgroup it cleans
         total, notes = detect_capacity(
             config.capacity_overrides.cores,
             config.capacity_overrides.memory_mb,
