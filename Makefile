@@ -42,8 +42,8 @@ check-gen: $(STAMP)
 
 lint: $(STAMP) node_modules/.installed
 	npx --no-install buf lint
-	$(VENV)/bin/ruff check daggyr tests bench
-	$(VENV)/bin/ruff format --check daggyr tests bench
+	$(VENV)/bin/ruff check daggyr tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check daggyr tests $(wildcard bench)
 
 test: $(STAMP) node_modules/.installed check-gen lint
 	$(PY) -m pytest -p no:cacheprovider -ra
