@@ -106,8 +106,15 @@ async def test_real_freeze_while_signalling_then_thaw(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cg = real.create("usr1", 1, 64, 50)
-    script = "exec 2>&-; trap 'echo got >> got.txt' USR1; while :; do sleep 0.05; done"
+    script = (
+        "exec 2>&-; trap 'echo got >> got.txt' USR1; : > ready; "
+        "while :; do sleep 0.05; done"
+    )
     children.start(cg, ["sh", "-c", script], cwd=tmp_path)
+    # Signal only once the trap is in place, or USR1 would end the shell.
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     seen: list[str] = []
 
     def spy(pids: list[int], sig: int) -> int:
