@@ -143,6 +143,9 @@ class Execution:
         except StartError as exc:
             self.log.append(str(exc))
             return False
+        except OSError as exc:  # the temporary directory, or the host itself
+            self.log.append(f"could not prepare the task: {exc}")
+            return False
         return True
 
     async def wait(self) -> Outcome:

@@ -7,6 +7,7 @@ is INVALID_ARGUMENT naming the type instead of grpc's own INTERNAL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -51,6 +52,9 @@ def _unary(
         code = "OK"
         try:
             return await call(_parse(rpc, data))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except DaggyrError as exc:
             code = exc.code_name
             await context.abort(grpc_code(exc), exc.message)
@@ -77,6 +81,9 @@ def _streaming(
         try:
             async for item in call(_parse(rpc, data)):
                 yield item
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except DaggyrError as exc:
             code = exc.code_name
             await context.abort(grpc_code(exc), exc.message)
