@@ -20,8 +20,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from daggyr.cgroups import AppliedLimits, CgroupError, CgroupManager, TaskCgroup, Usage
 from daggyr.environment import StartError, base_environment, check_start
@@ -234,9 +236,8 @@ class Execution:
             sampler = asyncio.ensure_future(_sample(self._cgroup))
         try:
             stop_wait = asyncio.ensure_future(self._stop_requested.wait())
-            await asyncio.wait(
-                [exited.future, stop_wait], return_when=asyncio.FIRST_COMPLETED
-            )
+            either: list[asyncio.Future[Any]] = [exited.future, stop_wait]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
             if not exited.future.done():
                 await self._terminate(exited.future)
@@ -379,10 +380,10 @@ class Execution:
 
 
 def _wrapped(
-    command: list[str] | object, setpriv: str | None, user: TaskUser | None
+    command: Iterable[str], setpriv: str | None, user: TaskUser | None
 ) -> list[str]:
     """The command behind setpriv, which sets the parent-death signal and user."""
-    argv = list(command)  # type: ignore[call-overload]
+    argv = list(command)
     if not setpriv:
         return argv
     prefix = [setpriv, "--pdeathsig", "KILL"]

@@ -66,11 +66,12 @@ def routes_for(methods: Sequence[Rpc]) -> tuple[Route, ...]:
 
 def to_json(msg: message.Message) -> dict[str, Any]:
     """The proto3 JSON form with proto field names and every plain field."""
-    return json_format.MessageToDict(
+    data: dict[str, Any] = json_format.MessageToDict(
         msg,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
     )
+    return data
 
 
 def error_response(error: DaggyrError) -> web.Response:
@@ -106,9 +107,9 @@ def _query(request: web.Request, target: message.Message) -> None:
         fields[field.json_name] = field
     data: dict[str, Any] = {}
     for key in request.query:
-        field = fields.get(key)
-        if field is None:
+        if key not in fields:
             raise InvalidArgument(f"unknown query parameter {key!r}")
+        field = fields[key]
         values = request.query.getall(key)
         if field.is_repeated:
             data[field.name] = values

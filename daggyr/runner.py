@@ -287,7 +287,7 @@ class Runner:
     ) -> task_pb2.TaskAttempt:
         final = task_pb2.TaskAttempt()
         final.CopyFrom(record.attempt)
-        final.state = outcome.state  # type: ignore[assignment]
+        final.state = outcome.state
         final.start_time.CopyFrom(_timestamp(outcome.start_time))
         final.stop_time.CopyFrom(_timestamp(outcome.stop_time))
         final.expire_time.CopyFrom(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from daggyr.capacity import Resources
@@ -102,7 +102,8 @@ class TaskTable:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self) -> Iterable[TaskRecord]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[TaskRecord]:
+        """A snapshot: the table may change while the caller iterates."""
         return iter(list(self._records.values()))
 
     def find(self, task_id: str) -> TaskRecord | None:
@@ -159,7 +160,7 @@ def _without_logs(attempt: task_pb2.TaskAttempt) -> task_pb2.TaskAttempt:
     light = task_pb2.TaskAttempt()
     light.CopyFrom(attempt)
     for name in _LIST_CLEARED:
-        light.ClearField(name)  # type: ignore[arg-type]
+        light.ClearField(name)
     return light
 
 
