@@ -234,6 +234,8 @@ class Runner:
         but once a waiting task has been overtaken max_backfill_overtakes
         times, nothing behind it starts before it does.
         """
+        if not self._accepting:
+            return  # shutting down: nothing new starts
         waiting: list[TaskRecord] = []
         keep: list[TaskRecord] = []
         blocked = False

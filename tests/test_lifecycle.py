@@ -270,3 +270,23 @@ async def test_bigger_than_total_names_both_figures(
     )
     assert status == 400 and body["code"] == 9
     assert f"{cores:g} cores" in body["message"] and "2 in total" in body["message"]
+
+
+async def test_shutdown_cancels_queued_and_running(make_runner: MakeRunner) -> None:
+    runner = await make_runner(kill_grace_seconds=1)
+    for n in range(4):
+        await runner.rest(
+            "POST", f"/api/v1/task/sd{n}", {"command": ["sleep", "30"], "cores": 1}
+        )
+    core = runner.server.runner
+    assert core is not None
+    seen: list[tuple[str, int]] = []
+    core.listeners.append(lambda rec, _old, new: seen.append((rec.task_id, new.state)))
+    await runner.server.stop()
+    finals = {task_id: state for task_id, state in seen}
+    assert finals == {f"sd{n}": task_pb2.CANCELLED for n in range(4)}
+    # Queued tasks are cancelled, never started by the capacity freed meanwhile.
+    assert (("sd2", task_pb2.RUNNING)) not in seen
+    assert (("sd3", task_pb2.RUNNING)) not in seen
+    assert core.running == set() and core.queue == []
+    assert core.reserved.micro_cores == 0
