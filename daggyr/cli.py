@@ -36,6 +36,13 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
+        "--allow-insecure-bind",
+        action="store_true",
+        default=None,
+        help="listen on a non-loopback address without auth (config: "
+        "allow_insecure_bind)",
+    )
+    parser.add_argument(
         "-d", "--daemon", action="store_true", help="detach once both ports listen"
     )
     parser.add_argument("--pidfile", help="with -d: file holding the daemon's pid")
@@ -50,6 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "grpc_port": args.grpc_port,
         "cgroup_root": args.cgroup_root,
         "log_level": args.log_level,
+        "allow_insecure_bind": args.allow_insecure_bind,
     }
 
 

@@ -60,9 +60,11 @@ class Config(_Strict):
     cgroup_root: str = Field(default="daggyr", min_length=1)
     temp_root: str | None = None
 
-    auth_tokens: list[str] = Field(default_factory=list)
+    # repr=False: the tokens stay out of any log line that prints the config.
+    auth_tokens: list[str] = Field(default_factory=list, repr=False)
     auth_token_file: str | None = None
     metrics_require_auth: bool = False
+    allow_insecure_bind: bool = False
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
@@ -89,6 +91,8 @@ def _describe(err: ValidationError) -> str:
         return f"unknown key {key!r}"
     if first["type"] == "value_error":
         return first["msg"].removeprefix("Value error, ")
+    if key.startswith("auth_tokens"):
+        return f"key {key!r}: {first['msg'].lower()}"  # never echo a secret
     return f"key {key!r}: {first['msg'].lower()} (got {value!r})"
 
 

@@ -41,6 +41,8 @@ _JOIN = (
     'unset PWD; while [ "$1" != -- ]; do echo 0 > "$1" || '
     '{ echo "daggyr-join-failed: $1" >&2; exit 125; }; shift; done; shift; exec "$@"'
 )
+# $0 of the shell that execs a task_user's command: prefixes its exec errors.
+_EXEC_NAME = "daggyr-exec"
 _READ_SIZE = 1 << 20
 _PIPE_SIZE = 1 << 20
 # How long buffered output may take to arrive once every writer is dead.
@@ -389,6 +391,11 @@ def _wrapped(
     prefix = [setpriv, "--pdeathsig", "KILL"]
     if user:
         prefix += ["--reuid", str(user.uid), "--regid", str(user.gid), "--clear-groups"]
+        # setpriv keeps root's capabilities until its own execve, so the kernel
+        # would let it execute a program the user cannot reach or execute. A
+        # shell, started that way, execs the command with the user's rights.
+        prefix += ["--", "/bin/sh", "-c", 'exec "$@"', _EXEC_NAME]
+        return [*prefix, *argv]
     return [*prefix, "--", *argv]
 
 
@@ -410,7 +417,7 @@ def _launch_error(returncode: int, stderr: str) -> str | None:
     """Why the trampoline or setpriv failed before the command ran, if they did."""
     if returncode == 125 and stderr.startswith("daggyr-join-failed: "):
         return "could not join the task's cgroup: " + stderr.splitlines()[-1]
-    if returncode in (126, 127) and stderr.startswith("setpriv: "):
+    if returncode in (126, 127) and stderr.startswith(("setpriv: ", _EXEC_NAME + ":")):
         return "could not execute the command: " + stderr.splitlines()[0]
     return None
 

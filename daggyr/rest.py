@@ -187,11 +187,13 @@ class _Facade:
             if isinstance(exc, Unimplemented) and "use " in exc.message:
                 response.set_status(405)
             return response
-        except web.HTTPRequestEntityTooLarge as exc:
+        except web.HTTPRequestEntityTooLarge:
             self._observed(rpc_name, "RESOURCE_EXHAUSTED")
+            limit = request.client_max_size
             body = {
                 "code": 8,
-                "message": f"request body exceeds max_request_bytes ({exc.text})",
+                "message": f"request body exceeds max_request_bytes ({limit} bytes): "
+                "send a smaller body or raise max_request_bytes in the runner's config",
                 "details": [],
             }
             return web.json_response(body, status=413)

@@ -20,6 +20,13 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from daggyr.auth import (
+    SecuritySetupError,
+    TokenCheck,
+    bearer_interceptor,
+    bearer_middleware,
+    check_bind,
+)
 from daggyr.capacity import detect_capacity
 from daggyr.cgroups import CgroupError, detect
 from daggyr.config import Config, ConfigError
@@ -28,6 +35,8 @@ from daggyr.grpc_server import add_services
 from daggyr.rest import build_app
 from daggyr.runner import Runner
 from daggyr.servicer import RunnerServicer
+from daggyr.task_user import unreachable_reason
+from daggyr.tls import grpc_credentials, rest_ssl_context
 
 __all__ = ["Server", "StartupError"]
 
@@ -92,11 +101,20 @@ class Server:
         self._web: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
         self.runner: Runner | None = None
+        # The bearer tokens accepted, when auth is on; reload() re-reads them.
+        self.tokens: TokenCheck | None = None
         self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
         """Detect, clean up, bind both ports and serve; StartupError says why not."""
         config = self.config
+        try:
+            self.tokens = TokenCheck.from_config(config)
+            check_bind(config, self.tokens)
+            ssl_context = rest_ssl_context(config)
+            credentials = grpc_credentials(config)
+        except SecuritySetupError as exc:
+            raise StartupError(str(exc)) from None
         try:
             cgroups = detect(config.cgroup_root, require=config.require_cgroups)
         except (CgroupError, ConfigError) as exc:
@@ -109,13 +127,21 @@ class Server:
             config.capacity_overrides.memory_mb,
             cgroups.own_limits(),
         )
+        task_user, temp_root = _task_user(config), _temp_root(config)
+        if task_user is not None:
+            why = unreachable_reason(temp_root, task_user.uid, task_user.gid)
+            if why:
+                raise StartupError(
+                    f"task_user {task_user.name!r} cannot reach temp_root "
+                    f"{temp_root}: {why}"
+                )
         executor = Executor(
             cgroups,
-            _temp_root(config),
+            temp_root,
             config.max_output_bytes,
             config.kill_grace_seconds,
             config.max_task_pids,
-            _task_user(config),
+            task_user,
         )
         self.runner = Runner(
             executor,
@@ -132,12 +158,16 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            interceptors=[bearer_interceptor(self.tokens)] if self.tokens else None,
         )
         self._health = add_services(self._grpc, servicer)
         address = _grpc_address(config.ip, config.grpc_port)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            if credentials is not None:
+                self.grpc_port = self._grpc.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
             rest_socket.close()
             raise StartupError(f"cannot listen on {address} for gRPC: {exc}") from None
@@ -145,16 +175,32 @@ class Server:
             servicer,
             max_request_bytes=config.max_request_bytes,
             ready=lambda: self.serving,
+            middlewares=[
+                bearer_middleware(
+                    self.tokens, metrics_require_auth=config.metrics_require_auth
+                )
+            ]
+            if self.tokens
+            else [],
         )
         self._web = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._web.setup()
-        await web.SockSite(self._web, rest_socket).start()
+        await web.SockSite(self._web, rest_socket, ssl_context=ssl_context).start()
         self.rest_port = rest_socket.getsockname()[1]
         await self._grpc.start()
         self.serving = True
 
-        logger.info("REST listening on http://%s:%d", config.ip, self.rest_port)
-        logger.info("gRPC listening on %s", _grpc_address(config.ip, self.grpc_port))
+        scheme = "https" if ssl_context else "http"
+        logger.info("REST listening on %s://%s:%d", scheme, config.ip, self.rest_port)
+        logger.info(
+            "gRPC listening on %s%s",
+            _grpc_address(config.ip, self.grpc_port),
+            " (TLS)" if credentials else "",
+        )
+        if ssl_context is not None and config.tls_client_ca_file:
+            logger.info("TLS: client certificates required on both ports (mTLS)")
+        if self.tokens is not None:
+            logger.info("auth: bearer token required on both ports")
         logger.info(
             "capacity: %g cores, %d MiB (%s); enforcement: %s%s",
             total.cores,
@@ -207,9 +253,18 @@ class Server:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
         try:
             await stop_requested.wait()
             await self.stop()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    def reload_tokens(self) -> None:
+        """Re-read the token file (on SIGHUP); a bad file keeps the tokens held."""
+        if self.tokens is None or self.tokens.token_file is None:
+            logger.info("SIGHUP: no auth_token_file to reload")
+            return
+        logger.info("SIGHUP: reloading %s", self.tokens.token_file)
+        self.tokens.reload()
