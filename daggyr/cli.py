@@ -34,7 +34,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cgroup-root", help="name of the runner's cgroup root (config: cgroup_root)"
     )
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level", type=str.upper, help="DEBUG, INFO, WARNING or ERROR"
+    )
     parser.add_argument(
         "--allow-insecure-bind",
         action="store_true",
@@ -89,6 +91,13 @@ def serve(argv: Sequence[str]) -> int:
         config = load_config(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"daggyr: {exc}", file=sys.stderr)
+        return 2
+    if args.daemon:
+        from daggyr.daemon import daemonize
+
+        return daemonize(config, args.config, args.pidfile, args.log_file)
+    if args.pidfile or args.log_file:
+        print("daggyr: --pidfile and --log-file go with -d", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
     return asyncio.run(_serve(config, args.config))

@@ -6,9 +6,10 @@ the key and the value; nothing falls back to a default silently.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -41,8 +42,9 @@ class Config(_Strict):
     ip: str = "127.0.0.1"
     port: int = Field(default=2504, ge=0, le=65535)
     grpc_port: int = Field(default=2505, ge=0, le=65535, alias="grpc-port")
-    # Threads of the pool that runs blocking work (cgroup files, process
-    # clean-up, the gRPC server's synchronous parts) off the event loop.
+    # Threads of the event loop's default executor, which runs blocking work
+    # (cgroup and temporary-directory clean-up, DNS) off the loop; requests on
+    # both protocols are served on the loop itself (grpc.aio included).
     web_threads: int = Field(default=8, ge=1, le=1024, alias="web-threads")
     capacity_overrides: CapacityOverrides = CapacityOverrides()
 
@@ -69,7 +71,7 @@ class Config(_Strict):
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
 
-    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -83,17 +85,76 @@ class Config(_Strict):
         return self
 
 
+# pydantic's error types in the words of a JSON file.
+_PHRASES = {
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "literal_error": "must be {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be greater than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "string_too_short": "must not be empty",
+}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    """' (did you mean ...?)' for a misspelt key, else ''."""
+    known = {1: _keys(Config), 2: _keys(CapacityOverrides)}.get(len(loc), [])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _number(value: object) -> object:
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+def _shown(value: object) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    value = first.get("input")
     if first["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
+        return f"unknown key {key!r}{_suggestion(first['loc'])}"
     if first["type"] == "value_error":
         return first["msg"].removeprefix("Value error, ")
+    phrase = _PHRASES.get(first["type"])
+    if phrase is None:
+        what = first["msg"][:1].lower() + first["msg"][1:]
+    else:
+        ctx = first.get("ctx", {})
+        what = phrase.format(**{k: _number(v) for k, v in ctx.items()})
     if key.startswith("auth_tokens"):
-        return f"key {key!r}: {first['msg'].lower()}"  # never echo a secret
-    return f"key {key!r}: {first['msg'].lower()} (got {value!r})"
+        return f"key {key!r}: {what}"  # never echo a secret
+    return f"key {key!r}: {what} (got {_shown(first.get('input'))})"
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -106,17 +167,31 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
             raise ConfigError(
                 f"cannot read config file {path}: {exc.strerror}"
             ) from exc
+        if not text.strip():
+            raise ConfigError(f"config file {path} is empty: write {{}} for defaults")
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
+        except _DuplicateKey as exc:
+            key = str(exc)
+            raise ConfigError(f"config file {path} sets key {key!r} twice") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config file {path} is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a JSON object")
-    for key, value in (overrides or {}).items():
+    flags = set()
+    for name, value in (overrides or {}).items():
         if value is not None:
+            # A flag replaces the key however the file spelt it.
+            key = Config.model_fields[name].alias or name
+            data.pop(name, None)
             data[key] = value
+            flags.add(key)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        where = f" in {path}" if path else ""
+        first = exc.errors()[0]["loc"]
+        if first and first[0] in flags:
+            where = " in the command-line flags"
+        else:
+            where = f" in {path}" if path else ""
         raise ConfigError(f"config error{where}: {_describe(exc)}") from exc

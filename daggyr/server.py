@@ -15,10 +15,14 @@ import pwd
 import shutil
 import signal
 import socket
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health
 
 from daggyr.auth import (
     SecuritySetupError,
@@ -32,6 +36,7 @@ from daggyr.cgroups import CgroupError, detect
 from daggyr.config import Config, ConfigError
 from daggyr.executor import Executor, TaskUser
 from daggyr.grpc_server import add_services
+from daggyr.metrics import Metrics
 from daggyr.rest import build_app
 from daggyr.runner import Runner
 from daggyr.servicer import RunnerServicer
@@ -41,6 +46,11 @@ from daggyr.tls import grpc_credentials, rest_ssl_context
 __all__ = ["Server", "StartupError"]
 
 logger = logging.getLogger(__name__)
+
+# Loops whose default executor a Server has sized (config web-threads). Only
+# the first Server on a loop sets it, so no pool is ever orphaned; the loop
+# shuts it down when it closes.
+_SIZED_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 class StartupError(Exception):
@@ -67,7 +77,8 @@ def _task_user(config: Config) -> TaskUser | None:
 
 def _temp_root(config: Config) -> Path:
     """The runner's own temporary tree, emptied of a previous run's leftovers."""
-    root = Path(config.temp_root or f"/tmp/{config.cgroup_root}")
+    # Absolute: tasks get their directory in it as cwd and TMPDIR.
+    root = Path(config.temp_root or f"/tmp/{config.cgroup_root}").absolute()
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     for leftover in root.iterdir():
         if leftover.is_dir() and not leftover.is_symlink():
@@ -100,7 +111,9 @@ class Server:
         self._stopping: asyncio.Task[None] | None = None
         self._web: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
         self.runner: Runner | None = None
+        self.metrics: Metrics | None = None
         # The bearer tokens accepted, when auth is on; reload() re-reads them.
         self.tokens: TokenCheck | None = None
         self._background: set[asyncio.Future[None]] = set()
@@ -108,6 +121,13 @@ class Server:
     async def start(self) -> None:
         """Detect, clean up, bind both ports and serve; StartupError says why not."""
         config = self.config
+        loop = asyncio.get_running_loop()
+        if loop not in _SIZED_LOOPS:
+            # Blocking work (cgroup and temp clean-up, DNS) runs in this pool;
+            # both servers handle requests on the event loop itself.
+            pool = ThreadPoolExecutor(config.web_threads, thread_name_prefix="daggyr")
+            loop.set_default_executor(pool)
+            _SIZED_LOOPS.add(loop)
         try:
             self.tokens = TokenCheck.from_config(config)
             check_bind(config, self.tokens)
@@ -121,7 +141,10 @@ class Server:
             raise StartupError(str(exc)) from None
         if cgroups.mode == "none":
             logger.warning("no cgroup enforcement: %s", cgroups.reason)
-        cgroups.setup()  # logs each leftover cgroup it cleans
+        try:
+            cgroups.setup()  # logs each leftover cgroup it cleans
+        except CgroupError as exc:
+            raise StartupError(f"cgroup set-up failed: {exc}") from None
         total, notes = detect_capacity(
             config.capacity_overrides.cores,
             config.capacity_overrides.memory_mb,
@@ -152,6 +175,7 @@ class Server:
             result_ttl_seconds=config.result_ttl_seconds,
         )
         servicer = RunnerServicer(self.runner)
+        self.metrics = metrics = Metrics(self.runner)
 
         rest_socket = _listen(config.ip, config.port, "REST")
         self._grpc = grpc.aio.server(
@@ -161,7 +185,9 @@ class Server:
             ],
             interceptors=[bearer_interceptor(self.tokens)] if self.tokens else None,
         )
-        self._health = add_services(self._grpc, servicer)
+        self._health = add_services(
+            self._grpc, servicer, observe=metrics.observer("grpc")
+        )
         address = _grpc_address(config.ip, config.grpc_port)
         try:
             if credentials is not None:
@@ -175,6 +201,8 @@ class Server:
             servicer,
             max_request_bytes=config.max_request_bytes,
             ready=lambda: self.serving,
+            observe=metrics.observer("rest"),
+            extra_routes=[metrics.route()],
             middlewares=[
                 bearer_middleware(
                     self.tokens, metrics_require_auth=config.metrics_require_auth
@@ -191,25 +219,41 @@ class Server:
         self.serving = True
 
         scheme = "https" if ssl_context else "http"
-        logger.info("REST listening on %s://%s:%d", scheme, config.ip, self.rest_port)
+        logger.info(
+            "REST listening on %s://%s",
+            scheme,
+            _grpc_address(config.ip, self.rest_port),
+            extra={"protocol": "rest", "ip": config.ip, "port": self.rest_port},
+        )
         logger.info(
             "gRPC listening on %s%s",
             _grpc_address(config.ip, self.grpc_port),
             " (TLS)" if credentials else "",
+            extra={"protocol": "grpc", "ip": config.ip, "port": self.grpc_port},
         )
         if ssl_context is not None and config.tls_client_ca_file:
             logger.info("TLS: client certificates required on both ports (mTLS)")
         if self.tokens is not None:
             logger.info("auth: bearer token required on both ports")
         logger.info(
-            "capacity: %g cores, %d MiB (%s); enforcement: %s%s",
+            "capacity: %s cores, %s MiB (%s); enforcement: %s%s",
             total.cores,
             total.memory_mb,
             "; ".join(notes),
             cgroups.mode,
             f" ({cgroups.reason})" if cgroups.reason else "",
+            extra={
+                "cores": total.cores,
+                "memory_mb": total.memory_mb,
+                "enforcement": cgroups.mode,
+            },
         )
-        logger.info("config: %s", self.config_path or "defaults (no config file)")
+        path = os.path.abspath(self.config_path) if self.config_path else None
+        logger.info(
+            "config: %s",
+            path or "defaults (no config file)",
+            extra={"config_file": path},
+        )
 
     async def stop(self) -> None:
         """Shut down gracefully; a second call shortens the tasks' grace."""
@@ -223,16 +267,29 @@ class Server:
 
     async def _stop(self) -> None:
         grace = self.config.kill_grace_seconds
-        logger.info("shutting down: cancelling every task (grace %g s)", grace)
+        began = time.monotonic()
+        runner = self.runner
+        held = len(runner.queue) + len(runner.running) if runner else 0
+        logger.info(
+            "shutting down: cancelling %s task(s), grace %g s",
+            held,
+            grace,
+            extra={"tasks": held, "grace_seconds": grace},
+        )
         self.serving = False
-        if self.runner is not None:
-            await self.runner.shutdown()
-            self.runner.executor.cgroups.teardown()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if runner is not None:
+            await runner.shutdown()
+            runner.executor.cgroups.teardown()
         if self._grpc is not None:
             await self._grpc.stop(1.0)
         if self._web is not None:
             await self._web.cleanup()
-        logger.info("shut down")
+        took = time.monotonic() - began
+        logger.info(
+            "shut down in %.1f s", took, extra={"duration_seconds": round(took, 3)}
+        )
 
     async def serve_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop; a second signal hurries."""
