@@ -168,7 +168,11 @@ def daemonize(
 
 
 def _read_report(fd: int) -> str:
-    """The daemon's one line; empty when it died before writing one."""
+    """The daemon's one line; empty when it died before writing one.
+
+    There is no timeout: a daemon that hangs in start-up keeps ``daggyr -d``
+    waiting, since giving up would leave behind a daemon that may yet serve.
+    """
     chunks = []
     with open(fd, "rb") as pipe:
         while chunk := pipe.read(4096):
