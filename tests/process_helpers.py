@@ -107,11 +107,14 @@ def processes_with_argument(argument: str) -> list[int]:
 
 
 def cgroup_dirs(root: str) -> list[str]:
-    """Every directory of ``root`` (and below) in any mounted hierarchy."""
+    """Every directory of ``root`` (and below) in any mounted hierarchy.
+
+    cgroup v2 has the root right under /sys/fs/cgroup; v1 one per hierarchy.
+    """
     found = []
     base = Path("/sys/fs/cgroup")
-    for hierarchy in base.iterdir() if base.is_dir() else []:
-        top = hierarchy / root
+    hierarchies = [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
+    for top in [base / root] + [h / root for h in hierarchies]:
         if top.is_dir():
             found.append(str(top))
             found += [str(p) for p in top.iterdir() if p.is_dir()]
