@@ -139,6 +139,11 @@ class Execution:
         self.log.append(reason)
         self._stop_requested.set()
 
+    @property
+    def start_time(self) -> float:
+        """When the start was attempted (seconds since the epoch)."""
+        return self._start_time
+
     def start(self) -> bool:
         """Spawn the process now; False when it could not start (see wait())."""
         self._start_time = time.time()

@@ -262,7 +262,7 @@ class Runner:
             running = task_pb2.TaskAttempt()
             running.CopyFrom(record.attempt)
             running.state = State.RUNNING
-            running.start_time.CopyFrom(_timestamp(time.time()))
+            running.start_time.CopyFrom(_timestamp(execution.start_time))
             running.executor_log = "\n".join(execution.log)
             self._publish(record, running)
         waiter = asyncio.ensure_future(self._finish(record))
@@ -281,6 +281,10 @@ class Runner:
         self.running.discard(record)
         self.reserved -= record.needs
         self._publish(record, self._final_attempt(record, outcome))
+        # The final attempt holds all that is kept; the execution (its output
+        # buffers, process handle, cgroup paths) would otherwise live as long
+        # as the result, several KiB per held task.
+        record.execution = None
         self._retain(record)
         self._pump()
 
@@ -311,7 +315,10 @@ class Runner:
             final.limits.cores = outcome.limits.cores
             final.limits.memory_mb = outcome.limits.memory_mb
             final.limits.pids = outcome.limits.pids
-        return final
+        # Held until it expires: re-parsed, it sits in one tight protobuf arena
+        # instead of the grown one CopyFrom left (about 0.7 KiB less per result,
+        # for about 1 µs).
+        return task_pb2.TaskAttempt.FromString(final.SerializeToString())
 
     async def _stop(self, record: TaskRecord, state: int, reason: str) -> None:
         if record.final:

@@ -310,3 +310,12 @@ async def test_malformed_grpc_message_is_invalid_argument(runner: Runner) -> Non
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(b"\xff\xff\xff")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_start_time_is_the_same_while_running_and_final(runner: Runner) -> None:
+    _, running = await runner.rest(
+        "POST", "/api/v1/task/st", {"command": ["sleep", "0.3"]}
+    )
+    assert running["state"] == "RUNNING"
+    final = await runner.wait_rest("st")
+    assert final["start_time"] == running["start_time"]
