@@ -8,6 +8,7 @@ is INVALID_ARGUMENT naming the type instead of grpc's own INTERNAL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -45,28 +46,37 @@ def _parse(rpc: Rpc, data: bytes) -> message.Message:
     return request
 
 
+@contextlib.asynccontextmanager
+async def _converted(
+    rpc: Rpc, context: grpc.aio.ServicerContext, observe: RequestObserver | None
+) -> AsyncIterator[None]:
+    """Turn the project's exceptions into gRPC statuses, and count the call."""
+    code = "OK"
+    try:
+        yield
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except DaggyrError as exc:
+        code = exc.code_name
+        await context.abort(grpc_code(exc), exc.message)
+    except Exception:
+        code = "INTERNAL"
+        logger.exception("gRPC %s failed", rpc.name)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error: see the runner's log"
+        )
+    finally:
+        if observe is not None:
+            observe(rpc.name, code)
+
+
 def _unary(
     rpc: Rpc, call: Callable[[Any], Any], observe: RequestObserver | None
 ) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        code = "OK"
-        try:
+        async with _converted(rpc, context, observe):
             return await call(_parse(rpc, data))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except DaggyrError as exc:
-            code = exc.code_name
-            await context.abort(grpc_code(exc), exc.message)
-        except Exception:
-            code = "INTERNAL"
-            logger.exception("gRPC %s failed", rpc.name)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, "internal error: see the runner's log"
-            )
-        finally:
-            if observe is not None:
-                observe(rpc.name, code)
 
     return handle
 
@@ -77,25 +87,9 @@ def _streaming(
     async def handle(
         data: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        code = "OK"
-        try:
+        async with _converted(rpc, context, observe):
             async for item in call(_parse(rpc, data)):
                 yield item
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except DaggyrError as exc:
-            code = exc.code_name
-            await context.abort(grpc_code(exc), exc.message)
-        except Exception:
-            code = "INTERNAL"
-            logger.exception("gRPC %s failed", rpc.name)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, "internal error: see the runner's log"
-            )
-        finally:
-            if observe is not None:
-                observe(rpc.name, code)
 
     return handle
 

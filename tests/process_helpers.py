@@ -74,9 +74,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Live processes whose environment carries ``MARKER_NAME=marker``."""
-    wanted = f"{MARKER_NAME}={marker}".encode()
+def marked_pids(marker: str, name: str = MARKER_NAME) -> list[int]:
+    """Live processes whose environment carries ``name=marker``."""
+    wanted = f"{name}={marker}".encode()
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -15,6 +15,7 @@ import pytest
 from daggyr.v1 import runner_pb2, task_pb2
 
 from .conftest import Runner, require_cgroups
+from .process_helpers import marked_pids
 
 
 def _seconds(stamp: str) -> float:
@@ -23,22 +24,6 @@ def _seconds(stamp: str) -> float:
     value = timestamp_pb2.Timestamp()
     value.FromJsonString(stamp)
     return value.ToNanoseconds() / 1e9
-
-
-def marked_pids(mark: str) -> list[int]:
-    """Pids whose environment holds DAGGYR_CASE_MARK=mark."""
-    needle = f"DAGGYR_CASE_MARK={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as environ:
-                if needle in environ.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def cgroup_path(attempt: dict[str, object]) -> str:
@@ -73,7 +58,7 @@ async def test_01_grandchild_holding_stdout(runner: Runner) -> None:
     assert final["oom_killed"] is False
     assert _seconds(final["stop_time"]) - _seconds(final["start_time"]) < 5
     await asyncio.sleep(0.5)
-    assert marked_pids(mark) == []
+    assert marked_pids(mark, "DAGGYR_CASE_MARK") == []
     assert not os.path.exists(cgroup_path(final))
 
 
@@ -108,7 +93,7 @@ async def test_02_timeout_kills_escaped_descendants(
     log = final["executor_log"]
     assert "timeout of 2 s reached" in log
     assert "SIGTERM" in log and "SIGKILL" in log and "grace" in log
-    assert marked_pids(mark) == []
+    assert marked_pids(mark, "DAGGYR_CASE_MARK") == []
     assert _cwd_inside(work) == []
     size = (work / "beat.log").stat().st_size
     await asyncio.sleep(2)

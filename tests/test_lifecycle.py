@@ -18,7 +18,7 @@ import pytest
 from daggyr.v1 import runner_pb2, task_pb2
 
 from .conftest import Runner, require_cgroups
-from .test_cases import marked_pids
+from .process_helpers import marked_pids
 
 MakeRunner = Callable[..., Awaitable[Runner]]
 
@@ -101,7 +101,7 @@ async def test_timeout_kills_the_tree(runner: Runner) -> None:
 
     took = _seconds(final["stop_time"]) - _seconds(final["start_time"])
     assert 1 <= took <= 1 + 2 + 1  # timeout + grace + 1 s
-    assert marked_pids(mark) == []
+    assert marked_pids(mark, "DAGGYR_CASE_MARK") == []
 
 
 async def test_output_flood_is_capped(runner: Runner) -> None:
