@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -75,13 +76,20 @@ def _task_user(config: Config) -> TaskUser | None:
     return TaskUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
+_TASK_DIR = re.compile(r"[0-9]+-")
+
+
 def _temp_root(config: Config) -> Path:
     """The runner's own temporary tree, emptied of a previous run's leftovers."""
     # Absolute: tasks get their directory in it as cwd and TMPDIR.
-    root = Path(config.temp_root or f"/tmp/{config.cgroup_root}").absolute()
+    default = f"/tmp/{Path(config.cgroup_root).name}"
+    root = Path(config.temp_root or default).absolute()
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    # Only names this runner makes (<n>-<id>) are removed, so a temp_root
+    # shared with anything else (even /tmp itself) loses nothing of theirs.
     for leftover in root.iterdir():
-        if leftover.is_dir() and not leftover.is_symlink():
+        ours = _TASK_DIR.match(leftover.name) and not leftover.is_symlink()
+        if ours and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
     return root
 

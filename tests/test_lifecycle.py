@@ -290,3 +290,14 @@ async def test_shutdown_cancels_queued_and_running(make_runner: MakeRunner) -> N
     assert (("sd3", task_pb2.RUNNING)) not in seen
     assert core.running == set() and core.queue == []
     assert core.reserved.micro_cores == 0
+
+
+async def test_start_up_cleans_only_its_own_temp_dirs(
+    make_runner: MakeRunner, tmp_path: Any
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "someone-elses").mkdir(parents=True)
+    (shared / "7-leftover").mkdir()
+    await make_runner(temp_root=str(shared))
+    assert (shared / "someone-elses").is_dir()
+    assert not (shared / "7-leftover").exists()
