@@ -421,7 +421,14 @@ def _listing(runner: Runner) -> dict[str, list[str]]:
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         if hierarchy.is_dir():
             parents.add(hierarchy)
-    return {str(p): sorted(os.listdir(p)) for p in parents}
+    own = runner.cgroup_root
+
+    def relevant(name: str) -> bool:
+        # Other runners (parallel test processes) come and go beside ours;
+        # everything else in these directories must stay exactly as it was.
+        return name == own or not name.startswith("daggyr")
+
+    return {str(p): sorted(filter(relevant, os.listdir(p))) for p in parents}
 
 
 REFUSED = ["..", ".", "a/../../escape", "a/./b", "a//b", "/a", "a/"]
