@@ -9,13 +9,16 @@ grpc-gateway maps them, with a ``{"code", "message", "details"}`` body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_urldispatcher
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import json_format, message
 
 from daggyr.errors import (
@@ -85,24 +88,59 @@ def _merge(data: object, target: message.Message, what: str) -> None:
         raise InvalidArgument(f"{what} must be a JSON object")
     try:
         json_format.ParseDict(data, target)
+    except RecursionError:
+        raise InvalidArgument(f"{what} is nested too deeply") from None
     except json_format.ParseError as exc:
         first = str(exc).splitlines()[0].strip()
         raise InvalidArgument(f"invalid {what}: {first}") from None
 
 
+# How long a client may take to send a request body.
+BODY_SECONDS = 30
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidArgument(f"request body has the key {key!r} twice")
+        result[key] = value
+    return result
+
+
 async def _read_body(request: web.Request) -> object:
-    raw = await request.read()
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=request.content_length
+        )
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            raw = await request.read()
+    except TimeoutError:
+        raise InvalidArgument(
+            f"the request body did not arrive within {BODY_SECONDS} s"
+        ) from None
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        why = str(exc).rsplit("message:", 1)[-1].strip()
+        raise InvalidArgument(f"the request body cannot be read: {why}") from None
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("request body is nested too deeply") from None
 
 
-def _query(request: web.Request, target: message.Message) -> None:
+def _query(
+    request: web.Request, target: message.Message, bound: dict[str, str]
+) -> None:
     fields = {}
     for field in target.DESCRIPTOR.fields:
+        if field.name in bound:
+            continue  # given in the path: a query parameter may not override it
         fields[field.name] = field
         fields[field.json_name] = field
     data: dict[str, Any] = {}
@@ -130,10 +168,18 @@ async def _build_request(
     elif route.body:
         _merge(await _read_body(request), getattr(msg, route.body), route.body)
     if route.body != "*":
-        _query(request, msg)
+        _query(request, msg, bound)
     for name, value in bound.items():
         setattr(msg, name, value)
     return msg
+
+
+class _MethodNotAllowed(Unimplemented):
+    """The path is a route, the method is not: 405 with an Allow header."""
+
+    def __init__(self, message: str, allowed: set[str]) -> None:
+        super().__init__(message)
+        self.allowed = allowed | ({"HEAD"} if "GET" in allowed else set())
 
 
 class _Facade:
@@ -142,14 +188,18 @@ class _Facade:
         servicer: object,
         observe: RequestObserver | None,
         routes: tuple[Route, ...],
+        fixed: dict[str, set[str]],
     ) -> None:
         self.servicer = servicer
         self.observe = observe
         self.routes = routes
+        # Paths served outside the facade (/ready, /metrics) and their methods.
+        self.fixed = fixed
 
     def _find(self, request: web.Request) -> tuple[Route, dict[str, str]]:
         raw_path = request.raw_path.split("?", 1)[0]
-        allowed = set()
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed = set(self.fixed.get(raw_path, ()))
         for route in self.routes:
             try:
                 bound = route.template.match(raw_path)
@@ -159,13 +209,15 @@ class _Facade:
                 ) from None
             if bound is None:
                 continue
-            if route.method == request.method:
+            streaming_head = route.rpc.server_streaming and request.method == "HEAD"
+            if route.method == method and not streaming_head:
                 return route, bound
             allowed.add(route.method)
         if allowed:
-            raise Unimplemented(
+            raise _MethodNotAllowed(
                 f"{request.method} is not supported on this path; "
-                f"use {', '.join(sorted(allowed))}"
+                f"use {', '.join(sorted(allowed))}",
+                allowed,
             )
         raise NotFound(f"no API route for {request.method} {raw_path}")
 
@@ -184,18 +236,13 @@ class _Facade:
         except DaggyrError as exc:
             self._observed(rpc_name, exc.code_name)
             response = error_response(exc)
-            if isinstance(exc, Unimplemented) and "use " in exc.message:
+            if isinstance(exc, _MethodNotAllowed):
                 response.set_status(405)
+                response.headers["Allow"] = ", ".join(sorted(exc.allowed))
             return response
         except web.HTTPRequestEntityTooLarge:
             self._observed(rpc_name, "RESOURCE_EXHAUSTED")
-            limit = request.client_max_size
-            body = {
-                "code": 8,
-                "message": f"request body exceeds max_request_bytes ({limit} bytes): "
-                "send a smaller body or raise max_request_bytes in the runner's config",
-                "details": [],
-            }
+            body = _too_large_body(request.client_max_size)
             return web.json_response(body, status=413)
 
     async def _stream(
@@ -244,6 +291,28 @@ async def _no_tracebacks(
         return web.json_response({**body, "details": []}, status=500)
 
 
+async def _expect_within_limit(request: web.Request) -> None:
+    """Refuse ``Expect: 100-continue`` at once when the body would be too big."""
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            actual_size=request.content_length,
+            text=json.dumps(_too_large_body(limit)),
+            content_type="application/json",
+        )
+    await web_urldispatcher._default_expect_handler(request)
+
+
+def _too_large_body(limit: int) -> dict[str, Any]:
+    return {
+        "code": 8,
+        "message": f"request body exceeds max_request_bytes ({limit} bytes): "
+        "send a smaller body or raise max_request_bytes in the runner's config",
+        "details": [],
+    }
+
+
 def build_app(
     servicer: object,
     *,
@@ -254,7 +323,10 @@ def build_app(
     extra_routes: Sequence[web.RouteDef] = (),
 ) -> web.Application:
     """The aiohttp application serving every annotated RPC, /ready and extras."""
-    facade = _Facade(servicer, observe, routes_for(rpcs()))
+    fixed = {"/ready": {"GET"}}
+    for route in extra_routes:
+        fixed.setdefault(route.path, set()).add(route.method)  # type: ignore[attr-defined]
+    facade = _Facade(servicer, observe, routes_for(rpcs()), fixed)
 
     async def ready_handler(request: web.Request) -> web.Response:
         if ready():
@@ -267,6 +339,8 @@ def build_app(
     )
     app.router.add_get("/ready", ready_handler)
     app.router.add_routes(extra_routes)
-    app.router.add_route("*", "/{tail:.*}", facade.dispatch)
+    app.router.add_route(
+        "*", "/{tail:.*}", facade.dispatch, expect_handler=_expect_within_limit
+    )
     app.router.freeze()
     return app

@@ -19,6 +19,7 @@ from daggyr.capacity import Resources
 from daggyr.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     OutOfRange,
     ResourceExhausted,
     Unavailable,
@@ -159,8 +160,12 @@ class Runner:
         self, states: Iterable[int], page_size: int, page_token: str
     ) -> tuple[list[task_pb2.TaskAttempt], str]:
         """One page of held tasks without logs; page_size is clamped to 1..1000."""
+        wanted = list(states)
+        for state in wanted:
+            if state not in State.values() or state == State.STATE_UNSPECIFIED:
+                raise InvalidArgument(f"state {state} is not a task state")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        return self.table.page(states, size, page_token)
+        return self.table.page(wanted, size, page_token)
 
     async def watch(self, task_id: str) -> AsyncIterator[task_pb2.TaskAttempt]:
         """Each new attempt of the task, from the current one to the final one."""

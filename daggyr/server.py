@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
 from daggyr.auth import (
     SecuritySetupError,
@@ -39,6 +39,7 @@ from daggyr.executor import Executor, TaskUser
 from daggyr.grpc_server import add_services
 from daggyr.metrics import Metrics
 from daggyr.rest import build_app
+from daggyr.rpcs import SERVICE
 from daggyr.runner import Runner
 from daggyr.servicer import RunnerServicer
 from daggyr.task_user import unreachable_reason
@@ -224,6 +225,9 @@ class Server:
         await web.SockSite(self._web, rest_socket, ssl_context=ssl_context).start()
         self.rest_port = rest_socket.getsockname()[1]
         await self._grpc.start()
+        await self._health.set(
+            SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING
+        )
         self.serving = True
 
         scheme = "https" if ssl_context else "http"

@@ -34,6 +34,9 @@ FINAL_STATES = frozenset(
     }
 )
 _LIST_CLEARED = ("output_log", "error_log", "executor_log")
+# A page also ends before it passes this many bytes, so that it fits the 4 MiB
+# message limit gRPC clients have by default, whatever the tasks' argv.
+PAGE_BYTES = 2 << 20
 
 
 class TaskRecord:
@@ -135,6 +138,8 @@ class TaskTable:
     ) -> tuple[list[task_pb2.TaskAttempt], str]:
         """One page of attempts without logs, and the token for the next.
 
+        A page holds at most ``page_size`` attempts and about PAGE_BYTES.
+
         Pages follow submission order and the token holds the position reached,
         so tasks added or removed meanwhile never repeat or shift other tasks.
         """
@@ -143,15 +148,18 @@ class TaskTable:
         found: list[task_pb2.TaskAttempt] = []
         last_seq = 0
         more = False
+        size = 0
         for record in self._records.values():
             if record.seq <= after:
                 continue
             if wanted and record.attempt.state not in wanted:
                 continue
-            if len(found) == page_size:
+            light = _without_logs(record.attempt)
+            size += light.ByteSize()
+            if len(found) == page_size or (found and size > PAGE_BYTES):
                 more = True
                 break
-            found.append(_without_logs(record.attempt))
+            found.append(light)
             last_seq = record.seq
         return found, _encode_token(last_seq) if more else ""
 

@@ -7,6 +7,7 @@ task that was accepted can always be started.
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from daggyr.errors import InvalidArgument
@@ -54,6 +55,39 @@ def _check_no_nul(field: str, value: str) -> None:
         raise InvalidArgument(f"{field} contains a NUL byte")
 
 
+# execve refuses one string longer than this (MAX_ARG_STRLEN) with E2BIG.
+_MAX_STRING = 131072
+# ... and argv plus environment past a quarter of the stack limit (ARG_MAX).
+_MAX_TOTAL = os.sysconf("SC_ARG_MAX") if hasattr(os, "sysconf") else 2 << 20
+
+
+def _check_exec_size(task: task_pb2.Task) -> None:
+    """Refuse what execve would refuse with E2BIG, before anything is reserved."""
+    total = 0
+    for index, arg in enumerate(task.command):
+        size = len(arg.encode()) + 1
+        if size > _MAX_STRING:
+            raise InvalidArgument(
+                f"command[{index}] is {size - 1} bytes; the kernel takes at most "
+                f"{_MAX_STRING - 1} per argument"
+            )
+        total += size + 8
+    for name, value in task.environment.items():
+        size = len(name.encode()) + len(value.encode()) + 2
+        if size > _MAX_STRING:
+            raise InvalidArgument(
+                f"environment[{name!r}] is {size - 2} bytes; the kernel takes at "
+                f"most {_MAX_STRING - 2} per variable"
+            )
+        total += size + 8
+    # Leave room for the base environment and the runner's own wrapper.
+    if total > _MAX_TOTAL - 16384:
+        raise InvalidArgument(
+            f"command and environment together are {total} bytes; the kernel "
+            f"takes at most about {_MAX_TOTAL - 16384}"
+        )
+
+
 def normalized_task(task: task_pb2.Task, default_memory_mb: int) -> task_pb2.Task:
     """A copy of ``task`` with defaults filled in; InvalidArgument names the field."""
     if not task.command:
@@ -70,6 +104,11 @@ def normalized_task(task: task_pb2.Task, default_memory_mb: int) -> task_pb2.Tas
         _check_no_nul(f"environment key {name!r}", name)
         _check_no_nul(f"environment[{name!r}]", value)
     _check_no_nul("working_directory", task.working_directory)
+    if task.working_directory and not task.working_directory.startswith("/"):
+        raise InvalidArgument(
+            f"working_directory {task.working_directory!r} must be an absolute path"
+        )
+    _check_exec_size(task)
 
     out = task_pb2.Task()
     out.CopyFrom(task)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,15 +74,18 @@ class Runner:
     ) -> tuple[int, Any]:
         """One REST call; the path is sent exactly as written."""
         url = aiohttp.client.URL(self.base + path, encoded=True)
-        data = body if isinstance(body, (str, bytes)) else None
-        json_body = None if data is not None or body is None else body
+        data: Any = None
+        if body is not None:
+            if isinstance(body, str):
+                body = body.encode()
+            elif not isinstance(body, bytes):
+                body = json.dumps(body).encode()
+            data = io.BytesIO(body)  # streamed, so big bodies are not copied
         async with self.http.request(
-            method, url, json=json_body, data=data, **kwargs
+            method, url, data=data, **kwargs
         ) as response:
             text = await response.text()
             try:
-                import json
-
                 return response.status, json.loads(text)
             except ValueError:
                 return response.status, text
