@@ -158,17 +158,17 @@ class Execution:
         return True
 
     async def wait(self) -> Outcome:
-        """Supervise the run to its end; never raises for anything the task does."""
-        try:
-            if self._proc is None:
-                return Outcome(
-                    State.SYSTEM_ERROR, self._start_time, time.time(), log=self.log
-                )
-            return await self._supervise(
-                self._proc, self._out, self._err, self._start_time
+        """Supervise the run to its end; never raises for anything the task does.
+
+        Every process of the task is gone when this returns; its cgroup and
+        temporary directory are left for cleanup(), so that removing them is
+        not on the path from the task's end to its result.
+        """
+        if self._proc is None:
+            return Outcome(
+                State.SYSTEM_ERROR, self._start_time, time.time(), log=self.log
             )
-        finally:
-            await self._cleanup()
+        return await self._supervise(self._proc, self._out, self._err, self._start_time)
 
     def _start(self) -> tuple[subprocess.Popen[bytes], CappedOutput, CappedOutput]:
         ex, task = self._ex, self.task
@@ -373,7 +373,8 @@ class Execution:
         outcome.stop_time = time.time()
         return outcome
 
-    async def _cleanup(self) -> None:
+    async def cleanup(self) -> None:
+        """Remove the task's cgroup and temporary directory; safe to repeat."""
         if self._cgroup is not None:
             try:
                 await self._cgroup.remove()

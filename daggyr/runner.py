@@ -275,9 +275,10 @@ class Runner:
         waiter.add_done_callback(self._finishing.discard)
 
     async def _finish(self, record: TaskRecord) -> None:
-        assert record.execution is not None
+        execution = record.execution
+        assert execution is not None
         try:
-            outcome = await record.execution.wait()
+            outcome = await execution.wait()
         except Exception as exc:  # the runner must outlive any task
             logger.exception("task %s: executor failed", record.task_id)
             outcome = Outcome(
@@ -292,6 +293,9 @@ class Runner:
         record.execution = None
         self._retain(record)
         self._pump()
+        # Nothing of the task runs any more: its cgroup and directory go now,
+        # after the result is out (shutdown still waits for this).
+        await execution.cleanup()
 
     def _final_attempt(
         self, record: TaskRecord, outcome: Outcome
