@@ -112,16 +112,14 @@ class Runner:
                 f"the queue is full ({self.max_queued_tasks} tasks): retry later"
             )
 
-        record = self.table.add(task_id, task, time.time())
-        self._publish(
-            record,
-            task_pb2.TaskAttempt(
-                task_id=task_id,
-                state=State.QUEUED,
-                submit_time=_timestamp(record.submitted),
-                task=task,
-            ),
+        queued = task_pb2.TaskAttempt(
+            task_id=task_id,
+            state=State.QUEUED,
+            submit_time=_timestamp(time.time()),
+            task=task,
         )
+        record = self.table.add(queued)
+        self._notify(record, None, queued)
         self.queue.append(record)
         self._pump()
         return record.attempt
@@ -211,8 +209,7 @@ class Runner:
                 self._finish_unstarted(record, "the runner is shutting down")
         while self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
-        for record in self.table:
-            self.table.remove(record)
+        self.table.close()
 
     # -- internals --------------------------------------------------------------
 
@@ -355,14 +352,16 @@ class Runner:
         self._pump()
 
     def _retain(self, record: TaskRecord) -> None:
-        loop = asyncio.get_running_loop()
-        record.expiry = loop.call_later(
-            self.result_ttl_seconds, self.table.remove, record
-        )
+        self.table.retain(record, self.result_ttl_seconds)
 
     def _publish(self, record: TaskRecord, attempt: task_pb2.TaskAttempt) -> None:
-        before = record.attempt.state if record.attempt.state else None
+        before = record.attempt.state
         record.publish(attempt)
+        self._notify(record, before, attempt)
+
+    def _notify(
+        self, record: TaskRecord, before: int | None, attempt: task_pb2.TaskAttempt
+    ) -> None:
         _log_transition(record, attempt)
         for listener in self.listeners:
             listener(record, before, attempt)

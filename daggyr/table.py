@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -40,34 +42,36 @@ PAGE_BYTES = 2 << 20
 
 
 class TaskRecord:
-    """One held task: what was asked, its latest attempt, who waits on it."""
+    """One held task: its latest attempt (which carries the task) and waiters.
 
-    __slots__ = (
-        "attempt",
-        "execution",
-        "expiry",
-        "needs",
-        "overtaken",
-        "seq",
-        "submitted",
-        "task",
-        "task_id",
-        "waiters",
-    )
+    Kept small on purpose: a runner may hold many thousands of results.
+    """
 
-    def __init__(
-        self, task_id: str, seq: int, task: task_pb2.Task, submitted: float
-    ) -> None:
-        self.task_id = task_id
+    __slots__ = ("attempt", "execution", "expires", "overtaken", "seq", "waiters")
+
+    def __init__(self, seq: int, attempt: task_pb2.TaskAttempt) -> None:
         self.seq = seq
-        self.task = task
-        self.needs = Resources.of(task.cores, task.memory_mb)
-        self.submitted = submitted
+        self.attempt = attempt
         self.overtaken = 0
-        self.attempt = task_pb2.TaskAttempt()
         self.execution: Execution | None = None
-        self.expiry: asyncio.TimerHandle | None = None
-        self.waiters: set[asyncio.Event] = set()
+        self.expires = 0.0  # monotonic time the result is dropped; 0 while live
+        self.waiters: set[asyncio.Event] | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.attempt.task_id
+
+    @property
+    def task(self) -> task_pb2.Task:
+        return self.attempt.task
+
+    @property
+    def needs(self) -> Resources:
+        return Resources.of(self.attempt.task.cores, self.attempt.task.memory_mb)
+
+    @property
+    def submitted(self) -> float:
+        return self.attempt.submit_time.ToNanoseconds() / 1e9
 
     @property
     def final(self) -> bool:
@@ -76,7 +80,7 @@ class TaskRecord:
     def publish(self, attempt: task_pb2.TaskAttempt) -> None:
         """Make ``attempt`` the current one and wake every waiter."""
         self.attempt = attempt
-        for event in self.waiters:
+        for event in self.waiters or ():
             event.set()
 
     async def changed(self, seen: task_pb2.TaskAttempt, timeout: float | None) -> bool:
@@ -84,6 +88,8 @@ class TaskRecord:
         if self.attempt is not seen:
             return True
         event = asyncio.Event()
+        if self.waiters is None:
+            self.waiters = set()
         self.waiters.add(event)
         try:
             async with asyncio.timeout(timeout):
@@ -101,6 +107,8 @@ class TaskTable:
     def __init__(self) -> None:
         self._records: dict[str, TaskRecord] = {}
         self._next_seq = 1
+        self._expiring: collections.deque[TaskRecord] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -119,19 +127,49 @@ class TaskTable:
             raise NotFound(f"task {task_id!r} not found")
         return record
 
-    def add(self, task_id: str, task: task_pb2.Task, submitted: float) -> TaskRecord:
-        record = TaskRecord(task_id, self._next_seq, task, submitted)
+    def add(self, attempt: task_pb2.TaskAttempt) -> TaskRecord:
+        """Hold a new task under ``attempt.task_id``."""
+        record = TaskRecord(self._next_seq, attempt)
         self._next_seq += 1
-        self._records[task_id] = record
+        self._records[attempt.task_id] = record
         return record
 
     def remove(self, record: TaskRecord) -> None:
         """Forget the record; a second call does nothing."""
         if self._records.get(record.task_id) is record:
             del self._records[record.task_id]
-        if record.expiry is not None:
-            record.expiry.cancel()
-            record.expiry = None
+
+    def retain(self, record: TaskRecord, seconds: float) -> None:
+        """Drop the finished ``record`` after ``seconds``, unless removed sooner.
+
+        Every result is kept equally long, so expiries come in the order they
+        were set: one queue and one timer serve them all.
+        """
+        record.expires = time.monotonic() + seconds
+        self._expiring.append(record)
+        if self._timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._expiring[0].expires - time.monotonic())
+        self._timer = loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        while self._expiring and self._expiring[0].expires <= now:
+            self.remove(self._expiring.popleft())
+        if self._expiring:
+            self._arm()
+
+    def close(self) -> None:
+        """Forget every record and stop the expiry timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._expiring.clear()
+        self._records.clear()
 
     def page(
         self, states: Iterable[int], page_size: int, page_token: str

@@ -183,7 +183,7 @@ async def test_watchers_that_leave_early_leave_nothing(runner: Runner) -> None:
     await asyncio.sleep(0.3)
     assert runner.server.runner is not None
     record = runner.server.runner.table.get("lw")
-    assert record.waiters == set()
+    assert not record.waiters
     final = await runner.wait_rest("lw")
     assert final["state"] == "SUCCEEDED"
 
