@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/daggyr/v1/*.proto)
 
 .PHONY: run test proto check-gen lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml daggyr/_spawn.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

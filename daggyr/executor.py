@@ -1,12 +1,8 @@
 """Runs one task's process in its cgroup and reports how it ended.
 
-The child enters its cgroup through a tiny /bin/sh trampoline that writes its
-own pid ("0") into each cgroup.procs file and then execs the command. Python's
-``preexec_fn`` is documented as unsafe in a multi-threaded process (grpc runs
-threads), while the trampoline runs after exec, in a fresh single-threaded
-process, so every process the task forks is inside from its first instruction.
-``setpriv`` then sets the parent-death signal (and drops to ``task_user``), so
-the task's main process dies with the runner.
+daggyr.spawn starts the process inside its cgroup; this module supervises it:
+output capture under the cap, the timeout, cancel with its grace, the end of
+the task when its main process exits, and the accounting read afterwards.
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +22,7 @@ from typing import Any
 from daggyr.cgroups import AppliedLimits, CgroupError, CgroupManager, TaskCgroup, Usage
 from daggyr.environment import StartError, base_environment, check_start
 from daggyr.output import CappedOutput
+from daggyr.spawn import Child, SpawnError, TaskUser, launch_error, one_step, spawn
 from daggyr.v1 import task_pb2
 
 __all__ = ["Executor", "Outcome", "TaskUser"]
@@ -36,26 +31,10 @@ logger = logging.getLogger(__name__)
 
 State = task_pb2.State
 
-# Joins every cgroup named before "--", then execs the rest of argv.
-_JOIN = (
-    'unset PWD; while [ "$1" != -- ]; do echo 0 > "$1" || '
-    '{ echo "daggyr-join-failed: $1" >&2; exit 125; }; shift; done; shift; exec "$@"'
-)
-# $0 of the shell that execs a task_user's command: prefixes its exec errors.
-_EXEC_NAME = "daggyr-exec"
 _READ_SIZE = 1 << 20
 _PIPE_SIZE = 1 << 20
 # How long buffered output may take to arrive once every writer is dead.
 _DRAIN_SECONDS = 0.5
-
-
-@dataclass(frozen=True)
-class TaskUser:
-    """The unprivileged account tasks run as."""
-
-    name: str
-    uid: int
-    gid: int
 
 
 @dataclass
@@ -93,8 +72,7 @@ class Executor:
         self.kill_grace_seconds = kill_grace_seconds
         self.max_task_pids = max_task_pids
         self.task_user = task_user
-        self._setpriv = shutil.which("setpriv")
-        if self._setpriv is None:
+        if not one_step() and not shutil.which("setpriv"):
             logger.warning(
                 "setpriv not found: tasks will not die with the runner "
                 "(no parent-death signal) and task_user cannot be applied"
@@ -126,7 +104,7 @@ class Execution:
         self._hurry = asyncio.Event()
         self._cgroup: TaskCgroup | None = None
         self._temp_dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
         self._out = self._err = CappedOutput(0)
         self._start_time = 0.0
 
@@ -170,7 +148,7 @@ class Execution:
             )
         return await self._supervise(self._proc, self._out, self._err, self._start_time)
 
-    def _start(self) -> tuple[subprocess.Popen[bytes], CappedOutput, CappedOutput]:
+    def _start(self) -> tuple[Child, CappedOutput, CappedOutput]:
         ex, task = self._ex, self.task
         user = ex.task_user
         self._temp_dir = ex.temp_root / self.name
@@ -181,9 +159,8 @@ class Execution:
         cwd = task.working_directory or str(self._temp_dir)
         uid = user.uid if user else os.getuid()
         gids = {user.gid} if user else set(os.getgroups()) | {os.getgid()}
-        check_start(task.command[0], cwd, env, uid, gids)
+        program = check_start(task.command[0], cwd, env, uid, gids)
 
-        argv = _wrapped(task.command, ex._setpriv, user)
         self.log.append(f"enforcement: {ex.cgroups.mode}" + _reason(ex.cgroups))
         try:
             self._cgroup = ex.cgroups.create(
@@ -191,40 +168,29 @@ class Execution:
             )
         except CgroupError as exc:
             raise StartError(f"cgroup setup failed: {exc}") from None
+        procs: tuple[str, ...] = ()
         if self._cgroup is not None:
             self.log.append(f"cgroup {self._cgroup.path}")
             self.log.extend(self._cgroup.notes)
             procs = self._cgroup.procs_files
-            argv = ["/bin/sh", "-c", _JOIN, "daggyr-join", *procs, "--", *argv]
-
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-                process_group=0,
-            )
-        except OSError as exc:
-            raise StartError(f"could not start {task.command[0]}: {exc}") from None
-        self.pid = proc.pid
-        self.log.append(f"started pid {proc.pid} in {cwd}")
+            child = spawn(program, task.command, env, cwd, procs, user)
+        except SpawnError as exc:
+            raise StartError(str(exc)) from None
+        self.pid = child.pid
+        self.log.append(f"started pid {child.pid} in {cwd}")
         out = CappedOutput(ex.max_output_bytes)
         err = CappedOutput(ex.max_output_bytes)
-        return proc, out, err
+        return child, out, err
 
     async def _supervise(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: Child,
         out: CappedOutput,
         err: CappedOutput,
         start: float,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
-        assert proc.stdout is not None and proc.stderr is not None
         readers = [
             _PipeReader(loop, proc.stdout, out),
             _PipeReader(loop, proc.stderr, err),
@@ -353,14 +319,14 @@ class Execution:
             outcome.exit_code = returncode
         oom = usage.oom_kills if usage else 0
 
-        launch_error = _launch_error(returncode, error_text)
+        failed_launch = launch_error(returncode, error_text)
         if self._stop_state is not None:
             outcome.state = self._stop_state
-        elif launch_error:
+        elif failed_launch:
             outcome.state = State.SYSTEM_ERROR
             outcome.exit_code = None
             outcome.error = ""
-            self.log.append(launch_error)
+            self.log.append(failed_launch)
         elif returncode == 0:
             outcome.state = State.SUCCEEDED
         elif oom:
@@ -387,24 +353,6 @@ class Execution:
             await asyncio.to_thread(shutil.rmtree, self._temp_dir, True)
 
 
-def _wrapped(
-    command: Iterable[str], setpriv: str | None, user: TaskUser | None
-) -> list[str]:
-    """The command behind setpriv, which sets the parent-death signal and user."""
-    argv = list(command)
-    if not setpriv:
-        return argv
-    prefix = [setpriv, "--pdeathsig", "KILL"]
-    if user:
-        prefix += ["--reuid", str(user.uid), "--regid", str(user.gid), "--clear-groups"]
-        # setpriv keeps root's capabilities until its own execve, so the kernel
-        # would let it execute a program the user cannot reach or execute. A
-        # shell, started that way, execs the command with the user's rights.
-        prefix += ["--", "/bin/sh", "-c", 'exec "$@"', _EXEC_NAME]
-        return [*prefix, *argv]
-    return [*prefix, "--", *argv]
-
-
 def _reason(cgroups: CgroupManager) -> str:
     return f" ({cgroups.reason})" if cgroups.reason else ""
 
@@ -417,15 +365,6 @@ def _describe_exit(returncode: int) -> str:
             name = str(-returncode)
         return f"main process killed by signal {name}"
     return f"main process exited with code {returncode}"
-
-
-def _launch_error(returncode: int, stderr: str) -> str | None:
-    """Why the trampoline or setpriv failed before the command ran, if they did."""
-    if returncode == 125 and stderr.startswith("daggyr-join-failed: "):
-        return "could not join the task's cgroup: " + stderr.splitlines()[-1]
-    if returncode in (126, 127) and stderr.startswith(("setpriv: ", _EXEC_NAME + ":")):
-        return "could not execute the command: " + stderr.splitlines()[0]
-    return None
 
 
 async def _sample(cgroup: TaskCgroup) -> None:
@@ -452,11 +391,10 @@ class _PipeReader:
     """Reads one pipe in chunks as the loop reports it readable."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, pipe: object, sink: CappedOutput
+        self, loop: asyncio.AbstractEventLoop, fd: int, sink: CappedOutput
     ) -> None:
         self._loop = loop
-        self._file = pipe
-        self._fd = pipe.fileno()  # type: ignore[attr-defined]
+        self._fd = fd
         self._sink = sink
         self.eof: asyncio.Future[None] = loop.create_future()
         os.set_blocking(self._fd, False)
@@ -496,7 +434,7 @@ class _PipeReader:
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)
-        self._file.close()  # type: ignore[attr-defined]
+        os.close(self._fd)
 
 
 class _ProcessExit:
