@@ -40,10 +40,12 @@ check-gen: $(STAMP)
 		{ echo "gen/ is stale: run 'make proto' and commit the result"; exit 1; }
 	rm -rf .gen-check
 
+# buf lint for the proto, ruff for style, mypy --strict for the package.
 lint: $(STAMP) node_modules/.installed
 	npx --no-install buf lint
 	$(VENV)/bin/ruff check daggyr tests $(wildcard bench)
 	$(VENV)/bin/ruff format --check daggyr tests $(wildcard bench)
+	$(VENV)/bin/mypy
 
 test: $(STAMP) node_modules/.installed check-gen lint
 	$(PY) -m pytest -p no:cacheprovider -ra

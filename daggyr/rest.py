@@ -325,7 +325,7 @@ def build_app(
     """The aiohttp application serving every annotated RPC, /ready and extras."""
     fixed = {"/ready": {"GET"}}
     for route in extra_routes:
-        fixed.setdefault(route.path, set()).add(route.method)  # type: ignore[attr-defined]
+        fixed.setdefault(route.path, set()).add(route.method)
     facade = _Facade(servicer, observe, routes_for(rpcs()), fixed)
 
     async def ready_handler(request: web.Request) -> web.Response:

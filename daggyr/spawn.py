@@ -17,15 +17,17 @@ import errno
 import os
 import shutil
 import subprocess
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Child", "SpawnError", "TaskUser", "launch_error", "one_step", "spawn"]
 
+_spawn: types.ModuleType | None
 try:
     from daggyr import _spawn
 except ImportError:  # not built: the trampoline serves
-    _spawn = None  # type: ignore[assignment]
+    _spawn = None
 
 # Joins every cgroup named before "--", then execs the rest of argv.
 _JOIN = (

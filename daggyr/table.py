@@ -59,7 +59,7 @@ class TaskRecord:
 
     @property
     def task_id(self) -> str:
-        return self.attempt.task_id
+        return str(self.attempt.task_id)
 
     @property
     def task(self) -> task_pb2.Task:
@@ -71,7 +71,7 @@ class TaskRecord:
 
     @property
     def submitted(self) -> float:
-        return self.attempt.submit_time.ToNanoseconds() / 1e9
+        return float(self.attempt.submit_time.ToNanoseconds()) / 1e9
 
     @property
     def final(self) -> bool:
