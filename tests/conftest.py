@@ -81,9 +81,7 @@ class Runner:
             elif not isinstance(body, bytes):
                 body = json.dumps(body).encode()
             data = io.BytesIO(body)  # streamed, so big bodies are not copied
-        async with self.http.request(
-            method, url, data=data, **kwargs
-        ) as response:
+        async with self.http.request(method, url, data=data, **kwargs) as response:
             text = await response.text()
             try:
                 return response.status, json.loads(text)
