@@ -50,6 +50,9 @@ class TaskCgroup(abc.ABC):
         self.path = path
         self.paths = paths
         self.procs_files = tuple(os.path.join(p, "cgroup.procs") for p in paths)
+        # Where to look for the task's processes: every process joins every
+        # path, so a back-end may name just one and save reads on the hot path.
+        self.process_paths = paths
         self.notes = list(notes)
         self.needs_sampling = False
 
@@ -77,7 +80,7 @@ class TaskCgroup(abc.ABC):
     def pids(self) -> list[int]:
         """Every process in the cgroup and any cgroup below it, sorted."""
         found: set[int] = set()
-        for directory in self._tree():
+        for directory in self._tree(self.process_paths):
             procs = os.path.join(directory, "cgroup.procs")
             try:
                 text = self._fs.read(procs)
@@ -153,14 +156,14 @@ class TaskCgroup(abc.ABC):
                 busy.append((directory, exc))
         return busy
 
-    def _tree(self) -> list[str]:
-        """Every directory of this cgroup, parents before their children.
+    def _tree(self, paths: tuple[str, ...] | None = None) -> list[str]:
+        """Every directory of this cgroup (or of ``paths``), parents first.
 
         Only real directories under the runner's root are listed, so clean-up
         can never wander outside it, whatever a task created in its cgroup.
         """
         found: list[str] = []
-        pending = [p for p in self.paths if self._fs.is_dir(p)]
+        pending = [p for p in (paths or self.paths) if self._fs.is_dir(p)]
         while pending:
             directory = pending.pop(0)
             if not any(inside(directory, root) for root in self._roots):

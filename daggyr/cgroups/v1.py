@@ -52,6 +52,9 @@ class V1TaskCgroup(TaskCgroup):
             raise CgroupError("a v1 task cgroup needs at least one hierarchy")
         super().__init__(fs, dirs.get("memory", paths[0]), paths, roots, notes)
         self._dirs = dict(dirs)
+        if "freezer" in dirs:
+            # Few files to list there, and it is the hierarchy kills go through.
+            self.process_paths = (dirs["freezer"],)
 
     def limits(self) -> AppliedLimits:
         quota = self._int("cpu", "cpu.cfs_quota_us")
