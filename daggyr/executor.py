@@ -349,8 +349,13 @@ class Execution:
                 logger.warning(
                     "task %s: could not remove cgroup: %s", self.task_id, exc
                 )
+            self._cgroup = None
         if self._temp_dir is not None:
-            await asyncio.to_thread(shutil.rmtree, self._temp_dir, True)
+            temp_dir, self._temp_dir = self._temp_dir, None
+            try:
+                temp_dir.rmdir()  # most tasks leave it empty: no thread needed
+            except OSError:
+                await asyncio.to_thread(shutil.rmtree, temp_dir, True)
 
 
 def _reason(cgroups: CgroupManager) -> str:
