@@ -2,6 +2,11 @@
 
 ``daggyr [--config FILE] [-d] ...`` runs a runner; ``daggyr submit|status|
 cancel|capacity|list ...`` talks to one (see daggyr.cli_client).
+
+Serving exits 0 after a clean shutdown, EXIT_FAILURE (1) when the runner fails
+at run time (a port taken, cgroup set-up), and EXIT_CONFIG (2) for any
+configuration mistake, found before anything is bound, always with one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from daggyr.config import Config, ConfigError, load_config
-from daggyr.server import Server, StartupError
+from daggyr.server import Server, StartupConfigError, StartupError
 
-__all__ = ["main", "serve_parser"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "main", "serve_parser"]
 
 CLIENT_COMMANDS = ("submit", "status", "cancel", "capacity", "list")
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -77,10 +84,12 @@ async def _serve(config: Config, config_path: str | None) -> int:
     server = Server(config, config_path)
     try:
         await server.start()
+    except StartupConfigError as exc:
+        print(f"daggyr: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except StartupError as exc:
         logging.getLogger("daggyr").error("cannot start: %s", exc)
-        await server.stop()
-        return 1
+        return EXIT_FAILURE
     await server.serve_until_signalled()
     return 0
 
@@ -91,14 +100,14 @@ def serve(argv: Sequence[str]) -> int:
         config = load_config(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"daggyr: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.daemon:
         from daggyr.daemon import daemonize
 
         return daemonize(config, args.config, args.pidfile, args.log_file)
     if args.pidfile or args.log_file:
         print("daggyr: --pidfile and --log-file go with -d", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     setup_logging(config.log_level)
     return asyncio.run(_serve(config, args.config))
 

@@ -2,7 +2,9 @@
 
 ``submit`` runs one task remotely, prints its output and exits with its exit
 code (see EXIT_CODES); the others read or stop tasks and show a table, or
-JSON with ``--json``. Errors are one line on stderr, never a traceback.
+JSON with ``--json``. Errors are one line on stderr, never a traceback. When
+the reader of stdout goes away (``daggyr list | head``), a command stops
+quietly with EXIT_BROKEN_PIPE.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from daggyr.errors import DaggyrError, NotFound, Unavailable
 from daggyr.pool import RunnerPool, RunnerVanished, follow, submit_retrying
 from daggyr.v1 import task_pb2
 
-__all__ = ["EXIT_CODES", "exit_code_for", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_CODES", "exit_code_for", "main"]
 
 State = task_pb2.State
 DEFAULT_RUNNER = "http://127.0.0.1:2504"
@@ -40,6 +42,9 @@ EXIT_OUT_OF_MEMORY = 202
 EXIT_CANCELLED = 203
 EXIT_SYSTEM_ERROR = 204
 EXIT_RUNNER_VANISHED = 205
+# 128 + SIGPIPE: what a shell shows for a program that SIGPIPE ended, which is
+# how C tools end when the reader of their output goes away.
+EXIT_BROKEN_PIPE = 141
 # Codes of their own sit above 192, past 128 + the highest signal number,
 # so no ordinary exit code (0-125), shell code (126, 127) or death by
 # signal (128 + N) is ever mistaken for them. A task may still exit with
@@ -63,6 +68,7 @@ exit status:
   {EXIT_RUNNER_VANISHED}      the runner went away while holding it: outcome unknown
   2        usage error, runner unreachable, or the submission refused
   130/143  interrupted (SIGINT/SIGTERM): the remote task was cancelled
+  141      the reader of the output went away (| head): output cut short
 
 example:
   daggyr submit --cores 2 --memory-mb 1024 -- sh -c 'make -j2 test'
@@ -154,6 +160,27 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     """Run one client command; returns the exit status."""
     try:
+        code = _run(argv)
+        # Flushed here, where a closed pipe can still be handled, and not at
+        # interpreter exit, where it would print "Exception ignored".
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    """Stop quietly, as a program that SIGPIPE ended would."""
+    # Whatever is still buffered would fail again when Python flushes at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str]) -> int:
+    try:
         args = _parse(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
@@ -200,6 +227,24 @@ class _WarningLines(logging.StreamHandler):  # type: ignore[type-arg]
 
 def _error(text: str) -> None:
     print(f"daggyr: {text}", file=sys.stderr)
+
+
+def _emit(text: str, stream: TextIO | None = None) -> None:
+    """Write all of ``text`` to stdout (or ``stream``), or raise BrokenPipeError.
+
+    Python's buffered writer can report a large write to a pipe whose reader
+    left mid-way as a short write instead of an error, which would cut the
+    output silently and exit 0; writing until every byte is taken does not.
+    """
+    stream = stream or sys.stdout
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # a text-only stream (a test's capture): nothing to cut
+        stream.write(text)
+        return
+    stream.flush()
+    data = memoryview(text.encode(stream.encoding, stream.errors or "strict"))
+    while data:
+        data = data[buffer.write(data) :]
 
 
 def _client_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,11 +410,11 @@ async def _submit(args: argparse.Namespace) -> int:
         await submission.close()
 
     if args.json:
-        print(_json(final))
+        _emit(_json(final) + "\n")
     else:
-        sys.stdout.write(final.output_log)
+        _emit(final.output_log)
         sys.stdout.flush()
-        sys.stderr.write(final.error_log)
+        _emit(final.error_log, sys.stderr)
         if final.state != State.SUCCEEDED and not args.quiet:
             _error(f"task {submission.task_id} {_outcome(final)}")
     return exit_code_for(final)
@@ -419,7 +464,7 @@ async def _on_first_holding(
 
 def _show_attempt(url: str, attempt: task_pb2.TaskAttempt, as_json: bool) -> None:
     if as_json:
-        print(_json(attempt))
+        _emit(_json(attempt) + "\n")
         return
     rows = [
         ("task_id", attempt.task_id),
@@ -438,11 +483,13 @@ def _show_attempt(url: str, attempt: task_pb2.TaskAttempt, as_json: bool) -> Non
         ("cpu_seconds", f"{attempt.cpu_seconds:.2f}"),
     ]
     width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    lines = [f"{name:<{width}}  {value}\n" for name, value in rows]
     for title, text in (("stdout", attempt.output_log), ("stderr", attempt.error_log)):
         if text:
-            print(f"--- {title} ---\n{text}", end="" if text.endswith("\n") else "\n")
+            lines.append(
+                f"--- {title} ---\n{text}" + ("" if text.endswith("\n") else "\n")
+            )
+    _emit("".join(lines))
 
 
 def _time(attempt: task_pb2.TaskAttempt, field: str) -> str:
@@ -494,9 +541,9 @@ async def _capacity(args: argparse.Namespace) -> int:
         found = [{"runner": u, **_dict(r)} for u, r in survey.reports.items()]
         if len(urls) == 1 and found:
             found[0].pop("runner")
-            print(json.dumps(found[0], indent=2))
+            _emit(json.dumps(found[0], indent=2) + "\n")
         elif found or not survey.unreachable:
-            print(json.dumps(found, indent=2))
+            _emit(json.dumps(found, indent=2) + "\n")
     elif survey.reports:
         header = (
             "RUNNER",
@@ -518,7 +565,7 @@ async def _capacity(args: argparse.Namespace) -> int:
             )
             for url, r in survey.reports.items()
         ]
-        print(_table(header, rows))
+        _emit(_table(header, rows) + "\n")
     return EXIT_USAGE if survey.unreachable else 0
 
 
@@ -531,7 +578,7 @@ async def _list(args: argparse.Namespace) -> int:
             found += [(url, a) async for a in client.iter_tasks(states)]
     if args.json:
         items = [_dict(a) | ({"runner": u} if len(urls) > 1 else {}) for u, a in found]
-        print(json.dumps(items, indent=2))
+        _emit(json.dumps(items, indent=2) + "\n")
         return 0
     header = ["TASK_ID", "STATE", "EXIT", "CORES", "MEMORY_MB", "DURATION", "COMMAND"]
     rows = []
@@ -551,5 +598,5 @@ async def _list(args: argparse.Namespace) -> int:
             " ".join(a.task.command),
         ]
         rows.append([*row, url] if len(urls) > 1 else row)
-    print(_table([*header, "RUNNER"] if len(urls) > 1 else header, rows))
+    _emit(_table([*header, "RUNNER"] if len(urls) > 1 else header, rows) + "\n")
     return 0

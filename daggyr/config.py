@@ -39,7 +39,8 @@ class Config(_Strict):
         extra="forbid", strict=True, frozen=True, populate_by_name=True
     )
 
-    ip: str = "127.0.0.1"
+    # min_length=1 on string settings: "" is a mistake, never "the default".
+    ip: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=2504, ge=0, le=65535)
     grpc_port: int = Field(default=2505, ge=0, le=65535, alias="grpc-port")
     # Threads of the event loop's default executor, which runs blocking work
@@ -57,27 +58,33 @@ class Config(_Strict):
     max_task_pids: int = Field(default=4096, ge=1, le=4194304)
     max_request_bytes: int = Field(default=4 << 20, ge=1024, le=1 << 30)
 
-    task_user: str | None = None
+    task_user: str | None = Field(default=None, min_length=1)
     require_cgroups: bool = False
     cgroup_root: str = Field(default="daggyr", min_length=1)
-    temp_root: str | None = None
+    temp_root: str | None = Field(default=None, min_length=1)
 
     # repr=False: the tokens stay out of any log line that prints the config.
     auth_tokens: list[str] = Field(default_factory=list, repr=False)
-    auth_token_file: str | None = None
+    auth_token_file: str | None = Field(default=None, min_length=1)
     metrics_require_auth: bool = False
     allow_insecure_bind: bool = False
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    tls_client_ca_file: str | None = None
+    tls_cert_file: str | None = Field(default=None, min_length=1)
+    tls_key_file: str | None = Field(default=None, min_length=1)
+    tls_client_ca_file: str | None = Field(default=None, min_length=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         name = self.cgroup_root
-        if name in (".", "..") or "\0" in name:
-            raise ValueError(f"cgroup_root {name!r} is not a usable directory name")
+        parts = name.split("/")
+        if "\0" in name or (not name.startswith("/") and len(parts) > 1):
+            raise ValueError(
+                f"cgroup_root {name!r} must be one directory name, or an absolute "
+                "path to a delegated cgroup v2 subtree"
+            )
+        if any(part in (".", "..") for part in parts):
+            raise ValueError(f"cgroup_root {name!r} must not contain . or ..")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -158,40 +165,50 @@ def _describe(err: ValidationError) -> str:
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """The file's settings (or the defaults) with ``overrides`` applied on top."""
-    data: dict[str, Any] = {}
+    """The file's settings (or the defaults) with ``overrides`` applied on top.
+
+    The file is validated on its own first, so a flag never hides a mistake in
+    it; then the flags are applied and the result validated again.
+    """
+    data = _read_file(path) if path is not None else {}
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read config file {path}: {exc.strerror}"
-            ) from exc
-        if not text.strip():
-            raise ConfigError(f"config file {path} is empty: write {{}} for defaults")
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates)
-        except _DuplicateKey as exc:
-            key = str(exc)
-            raise ConfigError(f"config file {path} sets key {key!r} twice") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
-    flags = set()
+        _validate(data, f" in {path}")
+    flags = False
     for name, value in (overrides or {}).items():
         if value is not None:
             # A flag replaces the key however the file spelt it.
-            key = Config.model_fields[name].alias or name
             data.pop(name, None)
-            data[key] = value
-            flags.add(key)
+            data[Config.model_fields[name].alias or name] = value
+            flags = True
+    return _validate(data, " in the command-line flags" if flags else "")
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} "
+            f"at offset {exc.start}"
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"config file {path} is empty: write {{}} for defaults")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        key = str(exc)
+        raise ConfigError(f"config file {path} sets key {key!r} twice") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def _validate(data: dict[str, Any], where: str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]["loc"]
-        if first and first[0] in flags:
-            where = " in the command-line flags"
-        else:
-            where = f" in {path}" if path else ""
         raise ConfigError(f"config error{where}: {_describe(exc)}") from exc

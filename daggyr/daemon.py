@@ -4,9 +4,11 @@ The foreground process takes the pidfile's lock and opens the log file, so
 that those errors reach the terminal, then forks a child that daemonizes with
 python-daemon's DaemonContext (double fork, new session, stdio to /dev/null or
 the log file) and starts the server there. The daemon reports through a pipe,
-one line: ``ready <pid> <rest port> <grpc port>`` once both ports listen, or
-``error <reason>``. The foreground waits for that line and exits 0 or 1 with
-it, so ``daggyr -d && next-step`` only proceeds against a listening runner.
+one line: ``ready <pid> <rest port> <grpc port>`` once both ports listen,
+``config <reason>`` for a configuration mistake, or ``error <reason>``. The
+foreground waits for that line and exits 0, 2 or 1 with it (the exit statuses
+of ``daggyr`` in the foreground), so ``daggyr -d && next-step`` only proceeds
+against a listening runner.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ from typing import TextIO
 import daemon
 
 from daggyr.config import Config
-from daggyr.server import Server, StartupError
+from daggyr.server import Server, StartupConfigError, StartupError
 
-__all__ = ["DaemonError", "PidFile", "daemonize"]
+__all__ = ["AlreadyRunning", "DaemonError", "PidFile", "daemonize"]
 
 logger = logging.getLogger(__name__)
 
 
 class DaemonError(Exception):
     """Daemon mode cannot start; the message says why, for a person."""
+
+
+class AlreadyRunning(DaemonError):
+    """The pidfile is locked by a runner that still runs."""
 
 
 class PidFile:
@@ -62,7 +68,7 @@ class PidFile:
             except BlockingIOError:
                 holder = _read(fd) or "unknown (it is still starting)"
                 os.close(fd)
-                raise DaemonError(
+                raise AlreadyRunning(
                     f"already running as pid {holder} "
                     f"(pidfile {self.path}): stop it first or use another pidfile"
                 ) from None
@@ -128,7 +134,10 @@ def daemonize(
     pidfile: str | None = None,
     log_file: str | None = None,
 ) -> int:
-    """Start a detached runner: 0 once both ports listen, else 1 with the reason.
+    """Start a detached runner: 0 once both ports listen, else 2 or 1 and why.
+
+    2 is a configuration mistake (an unusable pidfile or log file included),
+    1 a failure at run time (a port taken, the pidfile held by a runner).
 
     Without ``log_file`` the daemon's logs are discarded (its stderr is
     /dev/null).
@@ -142,7 +151,7 @@ def daemonize(
         if lock is not None:
             lock.release()
         print(f"daggyr: {exc}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(exc, AlreadyRunning) else 2
 
     read_end, write_end = os.pipe()
     child = os.fork()
@@ -190,6 +199,9 @@ def _conclude(report: str, config: Config, log_file: str | None) -> int:
             f"gRPC on {host}:{grpc_port}"
         )
         return 0
+    if kind == "config":
+        print(f"daggyr: config error: {rest}", file=sys.stderr)
+        return 2
     if kind == "error":
         print(f"daggyr: cannot start: {rest}", file=sys.stderr)
         return 1
@@ -252,16 +264,18 @@ def _report(fd: int, line: str) -> None:
 async def _serve(config: Config, config_path: str | None, report_fd: int) -> int:
     server = Server(config, config_path)
     try:
-        await server.start()
+        await server.start()  # undoes itself when it fails: nothing to stop
+    except StartupConfigError as exc:
+        logger.error("config error: %s", exc)
+        _report(report_fd, f"config {exc}")
+        return 2
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
         _report(report_fd, f"error {exc}")
-        await server.stop()
         return 1
     except Exception as exc:
         logger.exception("cannot start")
         _report(report_fd, f"error unexpected {type(exc).__name__}: {exc}")
-        await server.stop()
         return 1
     _report(report_fd, f"ready {os.getpid()} {server.rest_port} {server.grpc_port}")
     await server.serve_until_signalled()

@@ -1,9 +1,10 @@
 """One asyncio process serving both protocols over one servicer and one table.
 
-``Server.start`` binds both ports (port 0 picks a free one; the bound port is
-read back into ``rest_port`` and ``grpc_port``). ``Server.stop`` is graceful:
-it refuses new tasks, cancels every task with its grace, removes the cgroups,
-then closes both servers; a second call while the first runs cuts the grace.
+``Server.start`` checks the config (daggyr.preflight), then binds both ports
+(port 0 picks a free one; the bound port is read back into ``rest_port`` and
+``grpc_port``). ``Server.stop`` is graceful: it refuses new tasks, cancels
+every task with its grace, removes the cgroups, then closes both servers; a
+second call while the first runs cuts the grace.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -25,27 +25,20 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
-from daggyr.auth import (
-    SecuritySetupError,
-    TokenCheck,
-    bearer_interceptor,
-    bearer_middleware,
-    check_bind,
-)
+from daggyr.auth import TokenCheck, bearer_interceptor, bearer_middleware
 from daggyr.capacity import detect_capacity
-from daggyr.cgroups import CgroupError, detect
-from daggyr.config import Config, ConfigError
-from daggyr.executor import Executor, TaskUser
+from daggyr.cgroups import CgroupError
+from daggyr.config import Config
+from daggyr.executor import Executor
 from daggyr.grpc_server import add_services
 from daggyr.metrics import Metrics
+from daggyr.preflight import Preflight, StartupConfigError, StartupError, preflight
 from daggyr.rest import build_app
 from daggyr.rpcs import SERVICE
 from daggyr.runner import Runner
 from daggyr.servicer import RunnerServicer
-from daggyr.task_user import unreachable_reason
-from daggyr.tls import grpc_credentials, rest_ssl_context
 
-__all__ = ["Server", "StartupError"]
+__all__ = ["Server", "StartupConfigError", "StartupError"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,53 +47,37 @@ logger = logging.getLogger(__name__)
 # shuts it down when it closes.
 _SIZED_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
-
-class StartupError(Exception):
-    """The runner cannot start; the message says why, for a person."""
-
-
-def _task_user(config: Config) -> TaskUser | None:
-    if config.task_user is None:
-        if os.geteuid() == 0:
-            logger.warning(
-                "tasks run as root: set task_user to run them as an unprivileged user"
-            )
-        return None
-    if os.geteuid() != 0:
-        raise StartupError(
-            f"task_user {config.task_user!r} needs the runner to run as root"
-        )
-    try:
-        entry = pwd.getpwnam(config.task_user)
-    except KeyError:
-        raise StartupError(f"task_user {config.task_user!r} does not exist") from None
-    return TaskUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+# Once every task has ended, every watch and long-poll on either protocol has
+# its final answer and needs only to send it; whatever is still open after
+# this is open for good (a gRPC health Watch, a reflection stream, a client
+# stalled mid-request) and is cut, so that it cannot hold the exit up.
+_CLOSE_GRACE_SECONDS = 0.5
 
 
 _TASK_DIR = re.compile(r"[0-9]+-")
 
 
-def _temp_root(config: Config) -> Path:
-    """The runner's own temporary tree, emptied of a previous run's leftovers."""
-    # Absolute: tasks get their directory in it as cwd and TMPDIR.
-    default = f"/tmp/{Path(config.cgroup_root).name}"
-    root = Path(config.temp_root or default).absolute()
-    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+def _clean_temp_root(root: Path) -> None:
+    """Remove a previous run's task directories from the temp root."""
     # Only names this runner makes (<n>-<id>) are removed, so a temp_root
     # shared with anything else (even /tmp itself) loses nothing of theirs.
     for leftover in root.iterdir():
         ours = _TASK_DIR.match(leftover.name) and not leftover.is_symlink()
         if ours and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-    return root
 
 
 def _listen(host: str, port: int, what: str) -> socket.socket:
     try:
-        return socket.create_server((host, port), reuse_port=False)
+        # The family of the address itself, so that ::1 binds as well as 127.0.0.1.
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as exc:
+        # create_server appends the address to strerror; ours already names it.
+        errno = exc.errno or 0
+        why = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
         raise StartupError(
-            f"cannot listen on {host}:{port} for {what}: {exc.strerror or exc}"
+            f"cannot listen on {_grpc_address(host, port)} for {what}: {why}"
         ) from None
 
 
@@ -117,6 +94,7 @@ class Server:
         self.rest_port = 0
         self.grpc_port = 0
         self.serving = False
+        self._started = False
         self._stopping: asyncio.Task[None] | None = None
         self._web: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -128,52 +106,64 @@ class Server:
         self._background: set[asyncio.Future[None]] = set()
 
     async def start(self) -> None:
-        """Detect, clean up, bind both ports and serve; StartupError says why not."""
-        config = self.config
+        """Check the config, then bind both ports and serve.
+
+        A config that cannot work raises StartupConfigError before anything is
+        bound; a later failure (a port taken, cgroup set-up) raises
+        StartupError once what was set up is undone. Either way nothing is
+        left to stop().
+        """
+        checked = preflight(self.config)
         loop = asyncio.get_running_loop()
         if loop not in _SIZED_LOOPS:
             # Blocking work (cgroup and temp clean-up, DNS) runs in this pool;
             # both servers handle requests on the event loop itself.
-            pool = ThreadPoolExecutor(config.web_threads, thread_name_prefix="daggyr")
+            pool = ThreadPoolExecutor(
+                self.config.web_threads, thread_name_prefix="daggyr"
+            )
             loop.set_default_executor(pool)
             _SIZED_LOOPS.add(loop)
+        self.tokens = checked.tokens
+        notes = await self._bind(checked)
+        self._started = self.serving = True
+        self._log_started(checked, notes)
+
+    async def _bind(self, checked: Preflight) -> list[str]:
+        """Set up the cgroups, the core and both servers; undone if any step fails."""
+        rest_socket: socket.socket | None = None
         try:
-            self.tokens = TokenCheck.from_config(config)
-            check_bind(config, self.tokens)
-            ssl_context = rest_ssl_context(config)
-            credentials = grpc_credentials(config)
-        except SecuritySetupError as exc:
-            raise StartupError(str(exc)) from None
-        try:
-            cgroups = detect(config.cgroup_root, require=config.require_cgroups)
-        except (CgroupError, ConfigError) as exc:
-            raise StartupError(str(exc)) from None
-        if cgroups.mode == "none":
-            logger.warning("no cgroup enforcement: %s", cgroups.reason)
-        try:
-            cgroups.setup()  # logs each leftover cgroup it cleans
-        except CgroupError as exc:
-            raise StartupError(f"cgroup set-up failed: {exc}") from None
+            try:
+                checked.cgroups.setup()  # logs each leftover cgroup it cleans
+            except CgroupError as exc:
+                raise StartupError(f"cgroup set-up failed: {exc}") from None
+            notes = self._make_runner(checked)
+            rest_socket = _listen(self.config.ip, self.config.port, "REST")
+            if self.config.grpc_port:
+                # grpc's own refusal is vaguer and adds a C-level log line;
+                # a port taken in between still fails, in grpc's words.
+                _listen(self.config.ip, self.config.grpc_port, "gRPC").close()
+            await self._serve_on(checked, rest_socket)
+        except BaseException:
+            await self._undo(checked, rest_socket)
+            raise
+        return notes
+
+    def _make_runner(self, checked: Preflight) -> list[str]:
+        """The core over the checked settings; returns the capacity notes."""
+        config = self.config
         total, notes = detect_capacity(
             config.capacity_overrides.cores,
             config.capacity_overrides.memory_mb,
-            cgroups.own_limits(),
+            checked.cgroups.own_limits(),
         )
-        task_user, temp_root = _task_user(config), _temp_root(config)
-        if task_user is not None:
-            why = unreachable_reason(temp_root, task_user.uid, task_user.gid)
-            if why:
-                raise StartupError(
-                    f"task_user {task_user.name!r} cannot reach temp_root "
-                    f"{temp_root}: {why}"
-                )
+        _clean_temp_root(checked.temp_root)
         executor = Executor(
-            cgroups,
-            temp_root,
+            checked.cgroups,
+            checked.temp_root,
             config.max_output_bytes,
             config.kill_grace_seconds,
             config.max_task_pids,
-            task_user,
+            checked.task_user,
         )
         self.runner = Runner(
             executor,
@@ -183,10 +173,14 @@ class Server:
             max_backfill_overtakes=config.max_backfill_overtakes,
             result_ttl_seconds=config.result_ttl_seconds,
         )
-        servicer = RunnerServicer(self.runner)
-        self.metrics = metrics = Metrics(self.runner)
+        self.metrics = Metrics(self.runner)
+        return notes
 
-        rest_socket = _listen(config.ip, config.port, "REST")
+    async def _serve_on(self, checked: Preflight, rest_socket: socket.socket) -> None:
+        """Start gRPC on its port and REST on ``rest_socket``."""
+        config, metrics = self.config, self.metrics
+        assert self.runner is not None and metrics is not None
+        servicer = RunnerServicer(self.runner)
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_request_bytes),
@@ -199,12 +193,13 @@ class Server:
         )
         address = _grpc_address(config.ip, config.grpc_port)
         try:
-            if credentials is not None:
-                self.grpc_port = self._grpc.add_secure_port(address, credentials)
+            if checked.credentials is not None:
+                self.grpc_port = self._grpc.add_secure_port(
+                    address, checked.credentials
+                )
             else:
                 self.grpc_port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
-            rest_socket.close()
             raise StartupError(f"cannot listen on {address} for gRPC: {exc}") from None
         app = build_app(
             servicer,
@@ -220,17 +215,48 @@ class Server:
             if self.tokens
             else [],
         )
-        self._web = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._web = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=_CLOSE_GRACE_SECONDS,
+        )
         await self._web.setup()
-        await web.SockSite(self._web, rest_socket, ssl_context=ssl_context).start()
+        site = web.SockSite(self._web, rest_socket, ssl_context=checked.ssl_context)
+        await site.start()
         self.rest_port = rest_socket.getsockname()[1]
         await self._grpc.start()
         await self._health.set(
             SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING
         )
-        self.serving = True
 
-        scheme = "https" if ssl_context else "http"
+    async def _undo(
+        self, checked: Preflight, rest_socket: socket.socket | None
+    ) -> None:
+        """Quietly undo a start that failed part-way."""
+        if self._web is not None:
+            await self._web.cleanup()
+        if rest_socket is not None:
+            rest_socket.close()
+        if self._grpc is not None:
+            await self._grpc.stop(None)
+        checked.cgroups.teardown()
+        self._web = self._grpc = self._health = None
+        self.runner = self.metrics = None
+        self.rest_port = self.grpc_port = 0
+
+    def _log_started(self, checked: Preflight, notes: list[str]) -> None:
+        config, cgroups = self.config, checked.cgroups
+        # Warned only once started, so a failed start says one thing: why.
+        if checked.task_user is None and os.geteuid() == 0:
+            logger.warning(
+                "tasks run as root: set task_user to run them as an unprivileged user"
+            )
+        if cgroups.mode == "none":
+            logger.warning("no cgroup enforcement: %s", cgroups.reason)
+        assert self.runner is not None
+        total = self.runner.total
+        scheme = "https" if checked.ssl_context else "http"
         logger.info(
             "REST listening on %s://%s",
             scheme,
@@ -240,10 +266,10 @@ class Server:
         logger.info(
             "gRPC listening on %s%s",
             _grpc_address(config.ip, self.grpc_port),
-            " (TLS)" if credentials else "",
+            " (TLS)" if checked.credentials else "",
             extra={"protocol": "grpc", "ip": config.ip, "port": self.grpc_port},
         )
-        if ssl_context is not None and config.tls_client_ca_file:
+        if checked.ssl_context is not None and config.tls_client_ca_file:
             logger.info("TLS: client certificates required on both ports (mTLS)")
         if self.tokens is not None:
             logger.info("auth: bearer token required on both ports")
@@ -268,7 +294,13 @@ class Server:
         )
 
     async def stop(self) -> None:
-        """Shut down gracefully; a second call shortens the tasks' grace."""
+        """Shut down gracefully; a second call shortens the tasks' grace.
+
+        Does nothing on a server that never started: a failed start() has
+        undone itself.
+        """
+        if not self._started:
+            return
         if self._stopping is not None:
             if self.runner is not None:
                 await self.runner.shutdown()
@@ -294,10 +326,15 @@ class Server:
         if runner is not None:
             await runner.shutdown()
             runner.executor.cgroups.teardown()
+        # Every task is final now, so each watch and long-poll has been handed
+        # its last attempt; both servers close together, each giving what is
+        # still open _CLOSE_GRACE_SECONDS to finish.
+        closing = []
         if self._grpc is not None:
-            await self._grpc.stop(1.0)
+            closing.append(self._grpc.stop(_CLOSE_GRACE_SECONDS))
         if self._web is not None:
-            await self._web.cleanup()
+            closing.append(self._web.cleanup())
+        await asyncio.gather(*closing)
         took = time.monotonic() - began
         logger.info(
             "shut down in %.1f s", took, extra={"duration_seconds": round(took, 3)}

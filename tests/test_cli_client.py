@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -17,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from daggyr.cli_client import EXIT_CANCELLED, EXIT_SYSTEM_ERROR, EXIT_TIMED_OUT
+from daggyr.cli_client import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANCELLED,
+    EXIT_SYSTEM_ERROR,
+    EXIT_TIMED_OUT,
+)
 from daggyr.v1 import runner_pb2, task_pb2
 
 from .conftest import Runner
@@ -193,6 +199,53 @@ async def test_cancel_status_list_and_capacity(runner: Runner) -> None:
     missing = await daggyr("status", "--runner", rest, "nope")
     assert missing.code == 1, missing
     assert missing.stderr == "daggyr: task 'nope' not found\n"
+
+
+async def _into_head(tmp_path: Path, *args: str) -> Result:
+    """``daggyr ARGS | head -c 100``: daggyr's exit status and its stderr."""
+    errors = tmp_path / "stderr"
+    script = 'daggyr="$1"; shift; "$daggyr" "$@" 2>"$ERRORS" | head -c 100 >/dev/null'
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        script + '; exit "${PIPESTATUS[0]}"',
+        "bash",
+        DAGGYR,
+        *args,
+        env={**os.environ, "ERRORS": str(errors)},
+    )
+    code = await asyncio.wait_for(process.wait(), 60)
+    return Result(code, b"", errors.read_bytes())
+
+
+async def test_a_reader_that_goes_away_ends_the_output_quietly(
+    runner: Runner, tmp_path: Path
+) -> None:
+    rest, grpc_ = urls(runner)["rest"], urls(runner)["grpc"]
+    # Each output is several times what a pipe holds: the reader leaves mid-way.
+    big = ["sh", "-c", "seq 1 300000"]
+    await runner.stub.SubmitTask(
+        runner_pb2.SubmitTaskRequest(task_id="big", task=task_pb2.Task(command=big))
+    )
+    await runner.wait_rest("big")
+    commands = [
+        ["status", "--runner", rest, "big"],
+        ["status", "--runner", grpc_, "big", "--json"],
+        ["submit", "-q", "--runner", rest, "--", *big],
+    ]
+    for args in commands:
+        result = await _into_head(tmp_path, *args)
+        assert result.code == EXIT_BROKEN_PIPE == 141, (args, result)
+        assert result.stderr == "", (args, result)
+
+    for n in range(400):  # one runs, the rest queue: a long list, cheaply
+        task = task_pb2.Task(command=["sh", "-c", "sleep 300", "x" * 3000], cores=2)
+        request = runner_pb2.SubmitTaskRequest(task_id=f"queued-{n}", task=task)
+        await runner.stub.SubmitTask(request)
+    for args in (["list", "--runner", rest], ["list", "--runner", grpc_, "--json"]):
+        result = await _into_head(tmp_path, *args)
+        assert result.code == EXIT_BROKEN_PIPE, (args, result)
+        assert result.stderr == "", (args, result)
 
 
 def _closed_port() -> int:

@@ -24,7 +24,7 @@ from .process_helpers import DAGGYR, cgroup_dirs, free_port, port_is_free, uniqu
 README = Path(__file__).parent.parent / "README.md"
 
 # (file contents or None for a missing file, what the one error line says)
-BAD_CONFIGS = {
+BAD_CONFIGS: dict[str, tuple[str | bytes | None, str]] = {
     "misspelt key": ('{"prot": 1}', "unknown key 'prot' (did you mean 'port'?)"),
     "wrong type": ('{"port": "x"}', """key 'port': must be a whole number (got "x")"""),
     "impossible value": (
@@ -34,6 +34,23 @@ BAD_CONFIGS = {
     "missing file": (None, "cannot read config file {path}: No such file"),
     "empty file": ("", "config file {path} is empty"),
     "not JSON": ("port: 2504", "config file {path} is not JSON"),
+    "not UTF-8": (b"\xff\xfe{}", "config file {path} is not UTF-8 text"),
+    "port a string": ('{"port": "2504"}', "key 'port': must be a whole number"),
+    "empty temp_root": ('{"temp_root": ""}', "key 'temp_root': must not be empty"),
+    "empty task_user": ('{"task_user": ""}', "key 'task_user': must not be empty"),
+    "empty token file": (
+        '{"auth_token_file": ""}',
+        "key 'auth_token_file': must not be empty",
+    ),
+    "empty tls file": (
+        '{"tls_cert_file": "", "tls_key_file": "k.pem"}',
+        "key 'tls_cert_file': must not be empty",
+    ),
+    "empty ip": ('{"ip": ""}', "key 'ip': must not be empty"),
+    "cgroup_root a relative path": (
+        '{"cgroup_root": "a/b"}',
+        "cgroup_root 'a/b' must be one directory name",
+    ),
 }
 
 
@@ -44,13 +61,14 @@ def test_bad_config_is_one_line_naming_the_key(
 ) -> None:
     text, expected = BAD_CONFIGS[case]
     path = tmp_path / "config.json"
-    if text is not None:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
         path.write_text(text)
     rest_port, grpc_port, root = free_port(), free_port(), unique_root()
+    # Good flags over a bad file: the file is still refused.
     args = ["--config", str(path), "--grpc-port", str(grpc_port)]
-    args += ["--cgroup-root", root]
-    if case != "wrong type":  # the flag would replace the bad port
-        args += ["--port", str(rest_port)]
+    args += ["--cgroup-root", root, "--port", str(rest_port)]
     if daemon:
         args += [
             "-d",
@@ -62,7 +80,7 @@ def test_bad_config_is_one_line_naming_the_key(
 
     done = subprocess.run([DAGGYR, *args], capture_output=True, text=True, timeout=60)
 
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -77,6 +95,13 @@ def test_flags_override_the_file_however_it_spells_the_key(tmp_path: Path) -> No
     path.write_text(json.dumps({"grpc-port": 3000, "port": 3001, "web-threads": 3}))
     config = load_config(str(path), {"grpc_port": 4000, "port": None})
     assert (config.grpc_port, config.port, config.web_threads) == (4000, 3001, 3)
+
+
+def test_a_flag_never_hides_a_mistake_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"port": "2504", "cgroup_root": "."}')
+    with pytest.raises(ConfigError, match=f"in {path}: key 'port'"):
+        load_config(str(path), {"port": 0, "cgroup_root": "fine"})
 
 
 def test_a_bad_flag_is_named_as_a_flag(tmp_path: Path) -> None:

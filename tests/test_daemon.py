@@ -77,7 +77,7 @@ def test_daemon_returns_once_both_ports_answer(
     assert ports_in(log.read_text()) == (rest_port, grpc_port)
 
     again = _daggyr("-d", "--config", str(config), "--pidfile", str(pidfile))
-    assert again.returncode != 0
+    assert again.returncode == 1
     assert f"already running as pid {pid}" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert alive(pid)
@@ -121,7 +121,7 @@ def test_daemon_on_a_taken_port_fails_naming_it(
         if pidfile.exists() and pidfile.read_text().strip():
             daemons.append(_pid_in(pidfile))
 
-    assert done.returncode != 0
+    assert done.returncode == 1
     assert done.stdout == ""
     assert f"127.0.0.1:{port}" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -164,8 +164,8 @@ def test_daemon_requiring_cgroups_it_cannot_have_fails(daemons: list[int]) -> No
         if pidfile.exists() and pidfile.read_text().strip():
             daemons.append(_pid_in(pidfile))
 
-        assert done.returncode != 0
-        assert "cgroups are required" in done.stderr, done.stderr
+        assert done.returncode == 2
+        assert "config error: cgroups are required" in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert processes_with_argument(str(config)) == []
         assert not pidfile.exists()
@@ -199,3 +199,18 @@ def test_daemon_keeps_the_working_directory(tmp_path: Path, daemons: list[int]) 
     assert body["output_log"].startswith(str(tmp_path / "relative-tasks") + "/")
     _stop(_pid_in(pidfile))
     assert not pidfile.exists()
+
+
+def test_unusable_pidfile_or_log_file_is_a_config_error(tmp_path: Path) -> None:
+    config, _ = write_config(tmp_path)
+    missing = tmp_path / "no-such-dir"
+    for flag, says in (
+        ("--pidfile", f"cannot open pidfile {missing}/p"),
+        ("--log-file", f"cannot open log file {missing}/p"),
+    ):
+        done = _daggyr("-d", "--config", str(config), flag, str(missing / "p"))
+        assert done.returncode == 2, done
+        assert done.stderr.splitlines() == [
+            f"daggyr: {says}: No such file or directory"
+        ]
+        assert processes_with_argument(str(config)) == []

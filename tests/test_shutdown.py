@@ -6,11 +6,20 @@ runner killed outright leaves them, and its next start cleans them up.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from daggyr.v1 import runner_pb2, runner_pb2_grpc, task_pb2
 
 from .conftest import require_cgroups
 from .process_helpers import (
@@ -140,4 +149,83 @@ def test_next_start_cleans_what_a_killed_runner_left(tmp_path: Path) -> None:
         first.close()
         if second is not None:
             second.close()
+        kill_by_pid(pids)
+
+
+async def test_open_streams_end_promptly_and_the_log_tells_the_time(
+    tmp_path: Path,
+) -> None:
+    require_cgroups()
+    grace = 2
+    config, _ = write_config(tmp_path, kill_grace_seconds=grace)
+    marker = uuid.uuid4().hex
+    runner = Foreground(config, tmp_path / "daggyr.log")
+    pids: list[int] = []
+    stalled = socket.socket()
+    try:
+        runner.wait_ready()
+        port, grpc_port = runner.rest_port, runner.grpc_port
+        submit(port, "stubborn", COMMANDS["stubborn"], marker)
+        wait_until("the task's processes", lambda: len(marked_pids(marker)) >= 2)
+        pids = marked_pids(marker)
+        rest_states: list[str] = []
+        grpc_states: list[str] = []
+
+        async def rest_watch(http: aiohttp.ClientSession) -> None:
+            url = f"http://127.0.0.1:{port}/api/v1/task/stubborn:watch"
+            async with http.get(url) as response:
+                async for line in response.content:
+                    rest_states.append(json.loads(line)["result"]["state"])
+
+        async def grpc_watch(stub: runner_pb2_grpc.RunnerStub) -> None:
+            request = runner_pb2.WatchTaskRequest(task_id="stubborn")
+            async for attempt in stub.WatchTask(request):
+                grpc_states.append(task_pb2.State.Name(attempt.state))
+
+        async def health_watch(stub: health_pb2_grpc.HealthStub) -> None:
+            # Never ends by itself: only the server closing it does.
+            async for _ in stub.Watch(health_pb2.HealthCheckRequest()):
+                pass
+
+        # A client that sent half a request and stalls: aiohttp alone would
+        # wait for it for up to a minute.
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(
+            b"POST /api/v1/task/slow HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+        ):
+            watchers = [
+                asyncio.ensure_future(rest_watch(http)),
+                asyncio.ensure_future(grpc_watch(runner_pb2_grpc.RunnerStub(channel))),
+                asyncio.ensure_future(
+                    health_watch(health_pb2_grpc.HealthStub(channel))
+                ),
+            ]
+            while len(rest_states) < 1 or len(grpc_states) < 1:
+                await asyncio.sleep(0.05)
+
+            signalled = time.monotonic()
+            runner.proc.send_signal(signal.SIGTERM)
+            while runner.proc.poll() is None and time.monotonic() - signalled < 30:
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - signalled
+            await asyncio.wait(watchers, timeout=10)
+
+        assert runner.proc.returncode == 0, runner.log()
+        assert took < grace + 1.5, f"exit took {took:.1f} s with a {grace} s grace"
+        assert rest_states == ["RUNNING", "CANCELLED"]
+        assert grpc_states == ["RUNNING", "CANCELLED"]
+        logged = re.search(r"shut down in (\d+\.\d) s", runner.log())
+        assert logged, runner.log()
+        # The figure logged covers the whole stop, within what is left of the
+        # process's exit after it.
+        assert grace <= float(logged.group(1)) + 0.05 <= took + 0.1
+        assert took - float(logged.group(1)) < 1.0
+    finally:
+        stalled.close()
+        runner.close()
         kill_by_pid(pids)
