@@ -340,22 +340,26 @@ class Execution:
         return outcome
 
     async def cleanup(self) -> None:
-        """Remove the task's cgroup and temporary directory; safe to repeat."""
-        if self._cgroup is not None:
+        """Remove the task's cgroup and temporary directory; safe to repeat.
+
+        Runs in a worker thread: nothing of the task runs any more, and the
+        event loop goes on serving meanwhile.
+        """
+        cgroup, self._cgroup = self._cgroup, None
+        temp_dir, self._temp_dir = self._temp_dir, None
+        if cgroup is not None or temp_dir is not None:
+            await asyncio.to_thread(self._remove, cgroup, temp_dir)
+
+    def _remove(self, cgroup: TaskCgroup | None, temp_dir: Path | None) -> None:
+        if cgroup is not None:
             try:
-                await self._cgroup.remove()
+                cgroup.remove_now()
             except CgroupError as exc:
-                self.log.append(f"could not remove cgroup: {exc}")
                 logger.warning(
                     "task %s: could not remove cgroup: %s", self.task_id, exc
                 )
-            self._cgroup = None
-        if self._temp_dir is not None:
-            temp_dir, self._temp_dir = self._temp_dir, None
-            try:
-                temp_dir.rmdir()  # most tasks leave it empty: no thread needed
-            except OSError:
-                await asyncio.to_thread(shutil.rmtree, temp_dir, True)
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _reason(cgroups: CgroupManager) -> str:

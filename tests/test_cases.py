@@ -26,6 +26,14 @@ def _seconds(stamp: str) -> float:
     return value.ToNanoseconds() / 1e9
 
 
+async def _gone(path: Path, seconds: float = 2) -> bool:
+    """Whether ``path`` disappears within ``seconds`` (clean-up follows the result)."""
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return not path.exists()
+
+
 def cgroup_path(attempt: dict[str, object]) -> str:
     match = re.search(r"^cgroup (\S+)$", str(attempt["executor_log"]), re.M)
     assert match, attempt["executor_log"]
@@ -59,7 +67,7 @@ async def test_01_grandchild_holding_stdout(runner: Runner) -> None:
     assert _seconds(final["stop_time"]) - _seconds(final["start_time"]) < 5
     await asyncio.sleep(0.5)
     assert marked_pids(mark, "DAGGYR_CASE_MARK") == []
-    assert not os.path.exists(cgroup_path(final))
+    assert await _gone(Path(cgroup_path(final)))
 
 
 async def test_02_timeout_kills_escaped_descendants(
@@ -352,7 +360,7 @@ async def test_09_tiny_cpu_quota(runner: Runner) -> None:
         final = await runner.wait_rest(task_id)
         assert final["state"] == "SUCCEEDED" and final["exit_code"] == 0
         assert "kernel minimum" in final["executor_log"]
-        assert not path.exists()
+        assert await _gone(path)
 
 
 async def test_10_peak_memory_v1_or_v2(runner: Runner) -> None:
