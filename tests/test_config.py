@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,10 @@ def test_bad_config_is_one_line_naming_the_key(
         ]
 
     done = subprocess.run([DAGGYR, *args], capture_output=True, text=True, timeout=60)
+    pidfile = tmp_path / "p"
+    if done.returncode == 0 and pidfile.exists():
+        # A daemon that should never have started must not outlive the test.
+        os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
 
     assert done.returncode == 2
     assert done.stdout == ""
