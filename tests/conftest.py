@@ -132,3 +132,20 @@ async def make_runner(
 @pytest.fixture
 async def runner(make_runner: Callable[..., Awaitable[Runner]]) -> Runner:
     return await make_runner()
+
+
+_BEFORE: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BEFORE.update(leftover_cgroups("daggyr"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The whole run leaves no cgroup of daggyr's behind, whichever test made it."""
+    left = sorted(set(leftover_cgroups("daggyr")) - _BEFORE)
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"FAILED: cgroups left behind by the run: {left}")
