@@ -413,33 +413,28 @@ class _PipeReader:
         loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """Take one chunk; False once nothing more is there now (or ever)."""
         try:
             data = os.read(self._fd, _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if data:
             self._sink.feed(data)
-            return
+            return True
         self._loop.remove_reader(self._fd)
         if not self.eof.done():
             self.eof.set_result(None)
+        return False
 
     def read_available(self) -> None:
         """Take whatever is buffered in the pipe now, without waiting for more."""
-        while not self.eof.done():
-            try:
-                data = os.read(self._fd, _READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._loop.remove_reader(self._fd)
-                self.eof.set_result(None)
-                return
-            self._sink.feed(data)
+        while not self.eof.done() and self._read_once():
+            pass
 
     def close(self) -> None:
         self._loop.remove_reader(self._fd)

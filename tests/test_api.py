@@ -14,6 +14,7 @@ from daggyr.rpcs import rpcs
 from daggyr.v1 import runner_pb2, task_pb2
 
 from .conftest import Runner
+from .process_helpers import alive
 
 SHELL = ["sh", "-c", "echo out; echo err >&2; exit 3"]
 
@@ -59,14 +60,6 @@ async def test_grpc_submit_and_poll(runner: Runner) -> None:
     assert final.stop_time.ToNanoseconds() > final.start_time.ToNanoseconds()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_cancel_kills_the_process(runner: Runner) -> None:
     status, body = await runner.rest(
         "POST", "/api/v1/task/sleeper", {"command": ["sleep", "100"]}
@@ -74,14 +67,14 @@ async def test_cancel_kills_the_process(runner: Runner) -> None:
     assert status == 200
     await asyncio.sleep(0.3)
     pid = int(body["executor_log"].split("started pid ")[1].split()[0])
-    assert _alive(pid)
+    assert alive(pid)
 
     started = time.monotonic()
     status, final = await runner.rest("POST", "/api/v1/task/sleeper:cancel", {})
     assert status == 200, final
     assert final["state"] == "CANCELLED"
     assert time.monotonic() - started < 2
-    assert not _alive(pid)
+    assert not alive(pid)
 
 
 async def test_grpc_cancel(runner: Runner) -> None:

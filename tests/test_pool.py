@@ -32,6 +32,7 @@ from daggyr.pool import (
 from daggyr.v1 import runner_pb2, task_pb2
 
 from .conftest import Runner, leftover_cgroups
+from .process_helpers import alive
 
 State = task_pb2.State
 Capacity = task_pb2.Capacity
@@ -304,14 +305,6 @@ async def runner_process(tmp_path: Path) -> AsyncIterator[RunnerProcess]:
     assert leftover_cgroups(prefix) == [], "cgroups left behind"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 async def test_runner_killed_mid_task(
     runner_process: RunnerProcess,
@@ -341,7 +334,7 @@ async def test_runner_killed_mid_task(
                 await asyncio.sleep(0.1)
         assert attempt.state == State.RUNNING
         pid = int(attempt.executor_log.split("started pid ")[1].split()[0])
-        assert _alive(pid)
+        assert alive(pid)
 
         assert await runner_process.stop(signal.SIGKILL) == -signal.SIGKILL
         with pytest.raises(RunnerVanished) as caught:
@@ -352,9 +345,9 @@ async def test_runner_killed_mid_task(
 
         # The task's process dies with its runner (parent-death signal).
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert not _alive(pid)
+        assert not alive(pid)
 
         # The pool carries on with the runner that is left.
         after = await pool.place("after-1", task_pb2.Task(command=["echo", "ok"]))
