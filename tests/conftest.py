@@ -138,12 +138,14 @@ _BEFORE: set[str] = set()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _BEFORE.update(leftover_cgroups("daggyr"))
+    _BEFORE.update(leftover_cgroups("daggyr-test"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The whole run leaves no cgroup of daggyr's behind, whichever test made it."""
-    left = sorted(set(leftover_cgroups("daggyr")) - _BEFORE)
+    # Every test names its cgroup roots daggyr-test-*; runners outside this
+    # run (on a shared machine) may come and go beside them.
+    left = sorted(set(leftover_cgroups("daggyr-test")) - _BEFORE)
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
