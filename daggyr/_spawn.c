@@ -90,17 +90,12 @@ child(const char *path, char **argv, char **envp, const char *cwd,
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
-    /* Handlers would run parent code on the shared memory: reset them all
-     * before signals are unblocked. Ignored signals stay ignored, except the
-     * ones Python ignores for itself. */
+    /* Every disposition back to the default: handlers would run parent code
+     * on the shared memory once signals are unblocked, and what the runner
+     * ignores (SIGPIPE, or whatever its own parent ignored) is no business
+     * of the task's. */
     for (int sig = 1; sig < NSIG; sig++) {
-        struct sigaction old;
-        if (sig == SIGKILL || sig == SIGSTOP)
-            continue;
-        if (sigaction(sig, NULL, &old) != 0)
-            continue;
-        if (old.sa_handler != SIG_DFL &&
-            (old.sa_handler != SIG_IGN || sig == SIGPIPE || sig == SIGXFSZ))
+        if (sig != SIGKILL && sig != SIGSTOP)
             sigaction(sig, &dfl, NULL);
     }
 
@@ -116,8 +111,20 @@ child(const char *path, char **argv, char **envp, const char *cwd,
         close(fd);
     }
 
-    if (dup2(stdin_fd, 0) < 0 || dup2(stdout_fd, 1) < 0 || dup2(stderr_fd, 2) < 0)
-        report_and_exit(report_fd, STAGE_STDIO, errno, 0);
+    /* Move any source already at 0-2 out of the way first, so that each dup2
+     * below really copies (and so clears close-on-exec on the target). */
+    int sources[3] = {stdin_fd, stdout_fd, stderr_fd};
+    for (int i = 0; i < 3; i++) {
+        if (sources[i] < 3) {
+            sources[i] = fcntl(sources[i], F_DUPFD_CLOEXEC, 3);
+            if (sources[i] < 0)
+                report_and_exit(report_fd, STAGE_STDIO, errno, 0);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        if (dup2(sources[i], i) < 0)
+            report_and_exit(report_fd, STAGE_STDIO, errno, 0);
+    }
     /* Nothing else of the runner's reaches the task. */
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) != 0) {
         for (int fd = 3; fd < 4096; fd++)
@@ -133,6 +140,10 @@ child(const char *path, char **argv, char **envp, const char *cwd,
             report_and_exit(report_fd, STAGE_USER, errno, 0);
     }
     if (uid >= 0 && syscall(SYS_setresuid, uid, uid, uid) != 0)
+        report_and_exit(report_fd, STAGE_USER, errno, 0);
+
+    /* A task user cannot regain privileges through a setuid binary. */
+    if (uid >= 0 && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
         report_and_exit(report_fd, STAGE_USER, errno, 0);
 
     /* After the user change, which clears it. */

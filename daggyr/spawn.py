@@ -8,7 +8,8 @@ in a multi-threaded process (grpc runs threads; Python documents
 /bin/sh trampoline does the same after exec, in a fresh single-threaded
 process: it writes its own pid into each cgroup.procs file and execs
 ``setpriv``, which sets the parent-death signal and the user, then execs the
-command. The trampoline costs two more execs per task.
+command. The trampoline costs two more execs per task, and signals the
+runner ignores stay ignored in the task (a shell cannot undo that).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ _JOIN = (
 # $0 of the shell that execs a task_user's command: prefixes its exec errors.
 _EXEC_NAME = "daggyr-exec"
 _SETPRIV = shutil.which("setpriv")
-_DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,13 @@ def spawn(
     """
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # Opened per task: an fd kept from import time would be another file
+    # once the runner daemonizes and its descriptors are closed and reused.
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _spawn is not None:
             pid = _spawn_one_step(
-                program, argv, env, cwd, procs_files, user, out_w, err_w
+                program, argv, env, cwd, procs_files, user, (devnull, out_w, err_w)
             )
             return Child(pid, out_r, err_r, None)
         popen = _spawn_trampoline(argv, env, cwd, procs_files, user, out_w, err_w)
@@ -106,6 +109,7 @@ def spawn(
     finally:
         os.close(out_w)
         os.close(err_w)
+        os.close(devnull)
 
 
 def _spawn_one_step(
@@ -115,8 +119,7 @@ def _spawn_one_step(
     cwd: str,
     procs_files: Sequence[str],
     user: TaskUser | None,
-    out_w: int,
-    err_w: int,
+    stdio: tuple[int, int, int],
 ) -> int:
     assert _spawn is not None
     try:
@@ -126,9 +129,7 @@ def _spawn_one_step(
             [os.fsencode(f"{k}={v}") for k, v in env.items()],
             os.fsencode(cwd),
             [os.fsencode(p) for p in procs_files],
-            _DEVNULL,
-            out_w,
-            err_w,
+            *stdio,
             user.uid if user else -1,
             user.gid if user else -1,
         )
@@ -137,24 +138,21 @@ def _spawn_one_step(
     if isinstance(result, int):
         return result
     stage, code, index = result
-    raise SpawnError(_describe(stage, code, argv[0], cwd, procs_files, index))
+    raise SpawnError(_describe(stage, code, program, argv[0], cwd, procs_files, index))
 
 
 def _describe(
-    stage: str, code: int, argv0: str, cwd: str, procs: Sequence[str], index: int
+    stage: str,
+    code: int,
+    program: str,
+    argv0: str,
+    cwd: str,
+    procs: Sequence[str],
+    index: int,
 ) -> str:
     why = os.strerror(code) if code else "unknown error"
     if stage == "exec":
-        if code == errno.ENOENT:
-            return f"command {argv0} not found"
-        if code == errno.EACCES:
-            return f"command {argv0} is not executable (permission denied)"
-        if code == errno.ENOEXEC:
-            return (
-                f"command {argv0} is not executable "
-                "(exec format error: neither ELF nor a #! script)"
-            )
-        return f"could not execute the command {argv0}: {why}"
+        return _exec_failure(code, why, program, argv0)
     if stage == "chdir":
         return f"working directory {cwd}: {why}"
     if stage == "cgroup":
@@ -163,6 +161,37 @@ def _describe(
     if stage == "user":
         return f"could not switch to task_user: {why}"
     return f"could not start {argv0} ({stage}): {why}"
+
+
+def _exec_failure(code: int, why: str, program: str, argv0: str) -> str:
+    # The program was checked just before: when execve still fails, the cause
+    # is often its #! interpreter, which the kernel reports as the program.
+    interpreter = _interpreter(program)
+    via = f" (its #! interpreter {interpreter})" if interpreter else ""
+    if code == errno.ENOENT:
+        if interpreter:
+            return f"command {argv0}: its #! interpreter {interpreter} was not found"
+        if os.path.exists(program):
+            return f"command {argv0}: its program loader was not found"
+        return f"command {argv0} not found"
+    if code == errno.EACCES:
+        return f"command {argv0}{via} is not executable (permission denied)"
+    if code == errno.ENOEXEC:
+        return f"command {argv0}{via}: the kernel cannot execute it (exec format error)"
+    return f"could not execute the command {argv0}{via}: {why}"
+
+
+def _interpreter(program: str) -> str:
+    """The path on the program's #! line, or ""."""
+    try:
+        with open(program, "rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return ""
+    if not first.startswith(b"#!"):
+        return ""
+    words = first[2:].split()
+    return os.fsdecode(words[0]) if words else ""
 
 
 def _spawn_trampoline(

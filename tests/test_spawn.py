@@ -141,3 +141,54 @@ def test_the_task_dies_with_its_parent(way: str) -> None:
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not alive(pid)
+
+
+def test_stdin_is_dev_null_even_over_low_descriptors(tmp_path: Path) -> None:
+    """A runner started with 0-2 closed must still give tasks /dev/null and pipes."""
+    script = """
+import os, sys
+os.close(0)
+import daggyr.spawn as s
+if sys.argv[1] == "trampoline":
+    s._spawn = None
+child = s.spawn("/bin/sh", ["sh", "-c", "readlink /proc/self/fd/0; read x; echo rc=$?"],
+                {}, "/", (), None)
+print(child.wait(), os.read(child.stdout, 200).decode(), end="")
+"""
+    for way in ("one-step", "trampoline"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, way], capture_output=True, text=True
+        )
+        assert done.stdout == "0 /dev/null\nrc=1\n", (way, done.stdout, done.stderr)
+
+
+def test_signal_dispositions_are_defaults(tmp_path: Path) -> None:
+    """One-step only: the trampoline cannot undo what the runner ignores."""
+    if spawn_module._spawn is None:
+        pytest.fail("the daggyr._spawn extension was not built")
+    ignore_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        child = spawn(
+            "/bin/grep",
+            ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
+            {},
+            str(tmp_path),
+            (),
+            None,
+        )
+    finally:
+        signal.signal(signal.SIGQUIT, ignore_quit)
+    code, out, _ = _finish(child)
+    assert code == 0
+    for line in out.decode().splitlines():
+        assert line.split()[1] == "0" * 16, line
+
+
+def test_a_missing_interpreter_is_named(tmp_path: Path) -> None:
+    if spawn_module._spawn is None:
+        pytest.fail("the daggyr._spawn extension was not built")
+    script = tmp_path / "bad"
+    script.write_text("#!/nonexistent/interp\n")
+    script.chmod(0o755)
+    with pytest.raises(SpawnError, match="interpreter /nonexistent/interp was not"):
+        spawn(str(script), [str(script)], {}, str(tmp_path), (), None)
