@@ -108,6 +108,7 @@ class TaskTable:
         self._records: dict[str, TaskRecord] = {}
         self._next_seq = 1
         self._expiring: collections.deque[TaskRecord] = collections.deque()
+        self._dead = 0  # records in _expiring that were removed before expiry
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -138,6 +139,17 @@ class TaskTable:
         """Forget the record; a second call does nothing."""
         if self._records.get(record.task_id) is record:
             del self._records[record.task_id]
+        if record.expires > 0:
+            # Still in the expiry queue: mark it, and drop the marked ones
+            # once they are half the queue, so a deleted result's memory is
+            # not held until its expiry time.
+            record.expires = -1.0
+            self._dead += 1
+            if self._dead * 2 > len(self._expiring):
+                self._expiring = collections.deque(
+                    r for r in self._expiring if r.expires > 0
+                )
+                self._dead = 0
 
     def retain(self, record: TaskRecord, seconds: float) -> None:
         """Drop the finished ``record`` after ``seconds``, unless removed sooner.
@@ -159,7 +171,12 @@ class TaskTable:
         self._timer = None
         now = time.monotonic()
         while self._expiring and self._expiring[0].expires <= now:
-            self.remove(self._expiring.popleft())
+            record = self._expiring.popleft()
+            if record.expires < 0:
+                self._dead -= 1  # deleted already
+                continue
+            record.expires = 0.0
+            self.remove(record)
         if self._expiring:
             self._arm()
 
@@ -169,6 +186,7 @@ class TaskTable:
             self._timer.cancel()
             self._timer = None
         self._expiring.clear()
+        self._dead = 0
         self._records.clear()
 
     def page(

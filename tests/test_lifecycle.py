@@ -301,3 +301,19 @@ async def test_start_up_cleans_only_its_own_temp_dirs(
     await make_runner(temp_root=str(shared))
     assert (shared / "someone-elses").is_dir()
     assert not (shared / "7-leftover").exists()
+
+
+async def test_deleted_results_are_not_held_until_expiry(
+    make_runner: MakeRunner,
+) -> None:
+    runner = await make_runner(result_ttl_seconds=3600)
+    core = runner.server.runner
+    assert core is not None
+    for n in range(6):
+        await runner.rest("POST", f"/api/v1/task/gone{n}", {"command": ["true"]})
+        await runner.wait_rest(f"gone{n}")
+        await runner.rest("DELETE", f"/api/v1/task/gone{n}")
+    await runner.rest("POST", "/api/v1/task/kept", {"command": ["true"]})
+    await runner.wait_rest("kept")
+    # Deleted results leave the expiry queue (in batches), the kept one stays.
+    assert [r.task_id for r in core.table._expiring] == ["kept"]
