@@ -72,7 +72,7 @@ class Figure:
 
     @property
     def ratios(self) -> list[float]:
-        """value ÷ baseline, repeat by repeat; against the median when counts differ."""
+        """value ÷ baseline, repeat by repeat; against the median if counts differ."""
         if len(self.values) == len(self.baselines):
             pairs = zip(self.values, self.baselines, strict=True)
             return [v / b for v, b in pairs if b]

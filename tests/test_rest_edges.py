@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -117,9 +118,9 @@ async def test_argv_execve_cannot_carry_is_refused(runner: Runner) -> None:
 
 
 async def test_list_pages_stay_under_grpc_default_message_size(
-    make_runner: object,
+    make_runner: Callable[..., Awaitable[Runner]],
 ) -> None:
-    runner: Runner = await make_runner(max_request_bytes=8 << 20)  # type: ignore[operator]
+    runner = await make_runner(max_request_bytes=8 << 20)
     big = ["true"] + ["z" * 100000] * 12  # 1.2 MB of argv per task
     for n in range(6):
         status, _ = await runner.rest("POST", f"/api/v1/task/wide{n}", {"command": big})
