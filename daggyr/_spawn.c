@@ -37,6 +37,15 @@ enum stage {
     STAGE_EXEC = 6,
 };
 
+/* The kernel's own struct sigaction (x86_64, arm64 and the other generic
+ * layouts), for rt_sigaction called directly. */
+struct kernel_sigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    unsigned long mask;
+};
+
 struct report {
     int stage;
     int error;
@@ -87,16 +96,16 @@ child(const char *path, char **argv, char **envp, const char *cwd,
       char **procs, int stdin_fd, int stdout_fd, int stderr_fd,
       long uid, long gid, pid_t parent, const sigset_t *empty, int report_fd)
 {
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
     /* Every disposition back to the default: handlers would run parent code
      * on the shared memory once signals are unblocked, and what the runner
      * ignores (SIGPIPE, or whatever its own parent ignored) is no business
-     * of the task's. */
-    for (int sig = 1; sig < NSIG; sig++) {
+     * of the task's. The raw call reaches the signals glibc keeps for itself
+     * (32 and 33), which its sigaction() refuses to touch. */
+    struct kernel_sigaction dfl;
+    memset(&dfl, 0, sizeof dfl); /* handler 0 is SIG_DFL */
+    for (int sig = 1; sig < _NSIG; sig++) {
         if (sig != SIGKILL && sig != SIGSTOP)
-            sigaction(sig, &dfl, NULL);
+            syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof dfl.mask);
     }
 
     if (setpgid(0, 0) != 0)

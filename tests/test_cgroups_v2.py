@@ -128,7 +128,8 @@ async def test_real_freeze_while_signalling_then_thaw(
     assert _read(cg.path, "cgroup.freeze") == "0"
     got = tmp_path / "got.txt"
     deadline = time.monotonic() + 5
-    while not got.exists() and time.monotonic() < deadline:
+    # The file exists as soon as the shell opens it; its line follows.
+    while not (got.exists() and got.read_text()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert got.read_text() == "got\n"
     assert _events(cg)["frozen"] == "0"
