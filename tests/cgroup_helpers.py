@@ -7,6 +7,7 @@ import itertools
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterable
@@ -149,3 +150,26 @@ class FixtureFs(CgroupFs):
         if self.fail_on and os.path.basename(path) == self.fail_on:
             raise CgroupError(f"write {value!r} to {path}: Invalid argument")
         super().write(path, value)
+
+
+async def check_kill_reaches_escaped_descendants(
+    cg: TaskCgroup, children: Children, tmp_path: Path
+) -> None:
+    """SIGTERM is ignored by a tree with a setsid'd loop; SIGKILL ends all of it."""
+    loop = "while :; do echo beat >> beat.log; sleep 0.2; done"
+    script = f"trap '' TERM; setsid sh -c '{loop}' & sleep 300"
+    beat = tmp_path / "beat.log"
+    proc = children.start(cg, ["sh", "-c", script], cwd=tmp_path)
+    deadline = time.monotonic() + 5
+    while not beat.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    assert cg.signal_all(signal.SIGTERM) >= 3
+    assert not await cg.wait_empty(0.5)  # everything ignores SIGTERM
+    assert cg.signal_all(signal.SIGKILL) >= 3
+    assert await cg.wait_empty(2)
+
+    assert proc.wait(timeout=5) == -signal.SIGKILL
+    size = beat.stat().st_size
+    time.sleep(0.6)
+    assert beat.stat().st_size == size

@@ -24,7 +24,13 @@ from daggyr.cgroups import (
 from daggyr.cgroups.detect import parse_mountinfo
 from daggyr.cgroups.task import kill_each
 
-from .cgroup_helpers import Children, FixtureFs, leftover_dirs, unique_name
+from .cgroup_helpers import (
+    Children,
+    FixtureFs,
+    check_kill_reaches_escaped_descendants,
+    leftover_dirs,
+    unique_name,
+)
 
 MIB = 1 << 20
 # Every process forks for ever, retrying when the kernel refuses.
@@ -282,25 +288,7 @@ async def test_kill_reaches_a_setsid_descendant_ignoring_sigterm(
     manager: V1CgroupManager, children: Children, tmp_path: Path
 ) -> None:
     cg = manager.create("escape", 1, 64, 50)
-    loop = "while :; do echo beat >> beat.log; sleep 0.2; done"
-    script = f"trap '' TERM; setsid sh -c '{loop}' & sleep 300"
-    beat = tmp_path / "beat.log"
-    proc = children.start(cg, ["sh", "-c", script], cwd=tmp_path)
-    deadline = time.monotonic() + 5
-    while not beat.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-    assert cg.signal_all(signal.SIGTERM) >= 3
-    assert not await cg.wait_empty(0.5)  # everything ignores SIGTERM
-    assert cg.signal_all(signal.SIGKILL) >= 3
-    started = time.monotonic()
-    assert await cg.wait_empty(2)
-    print(f"v1 empty {time.monotonic() - started:.3f} s after SIGKILL")
-
-    assert proc.wait(timeout=5) == -signal.SIGKILL
-    size = beat.stat().st_size
-    time.sleep(0.6)
-    assert beat.stat().st_size == size
+    await check_kill_reaches_escaped_descendants(cg, children, tmp_path)
     freezer = next(p for p in cg.paths if "/freezer/" in p)
     assert _read(freezer, "freezer.state") == "THAWED"
     await cg.remove()

@@ -19,6 +19,7 @@ from .cgroup_helpers import (
     Children,
     FixtureFs,
     cgroup_mounts_of,
+    check_kill_reaches_escaped_descendants,
     leftover_dirs,
     unique_name,
 )
@@ -145,25 +146,7 @@ async def test_real_kill_reaches_a_setsid_descendant_ignoring_sigterm(
     real: V2CgroupManager, children: Children, tmp_path: Path
 ) -> None:
     cg = real.create("escape", 1, 64, 50)
-    loop = "while :; do echo beat >> beat.log; sleep 0.2; done"
-    script = f"trap '' TERM; setsid sh -c '{loop}' & sleep 300"
-    beat = tmp_path / "beat.log"
-    proc = children.start(cg, ["sh", "-c", script], cwd=tmp_path)
-    deadline = time.monotonic() + 5
-    while not beat.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-    assert cg.signal_all(signal.SIGTERM) >= 3
-    assert not await cg.wait_empty(0.5)
-    assert cg.signal_all(signal.SIGKILL) >= 3
-    started = time.monotonic()
-    assert await cg.wait_empty(2)
-    print(f"v2 empty {time.monotonic() - started:.3f} s after cgroup.kill")
-
-    assert proc.wait(timeout=5) == -signal.SIGKILL
-    size = beat.stat().st_size
-    time.sleep(0.6)
-    assert beat.stat().st_size == size
+    await check_kill_reaches_escaped_descendants(cg, children, tmp_path)
     await cg.remove()
     assert not os.path.exists(cg.path)
 
